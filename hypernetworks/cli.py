@@ -1,0 +1,55 @@
+"""The ``hypernetworks`` command line.
+
+    hypernetworks fit|validate|test|predict --config configs/<recipe>.yaml [--key value ...]
+    hypernetworks demo | sample | params | kernels | activity | serve | translate  [--help]
+
+Training subcommands go to Lightning's CLI (hypernetworks.training); the others are small
+argparse programs in hypernetworks.commands, imported only when called.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+# name -> (module with main(argv) -> int, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("hypernetworks.commands.demo", "train a small HyperLSTM and LSTM on pydoc text and compare"),
+    "sample": ("hypernetworks.commands.sample", "sample from a trained checkpoint"),
+    "params": ("hypernetworks.commands.params", "print parameter counts of registered models"),
+    "kernels": ("hypernetworks.commands.kernels", "render a checkpoint's generated conv kernels as PNG"),
+    "activity": ("hypernetworks.commands.activity", "weight-activity picture of a passage (HTML + PNG)"),
+    "serve": ("hypernetworks.serve.server", "local demo page (127.0.0.1 by default)"),
+    "translate": ("hypernetworks.commands.translate", "translate lines from standard input"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: hypernetworks <command> [options]", "", "training (Lightning CLI, --config recipe.yaml):"]
+    lines += [f"  {c}" for c in LIGHTNING_SUBCOMMANDS]
+    lines += ["", "other commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd in LIGHTNING_SUBCOMMANDS:
+        from hypernetworks.training import run_cli
+
+        run_cli([cmd, *rest])
+        return 0
+    if cmd not in COMMANDS:
+        print(f"hypernetworks: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[cmd][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the ``hypernetworks`` command line; each module has ``main(argv) -> int``."""

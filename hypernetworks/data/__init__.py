@@ -1,0 +1,1 @@
+"""Datasets (torchvision-style: root, download, transform) and LightningDataModules."""

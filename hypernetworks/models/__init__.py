@@ -1,0 +1,1 @@
+"""Task networks built from hypernetworks.nn, registered by name (see registry.py)."""

@@ -1,0 +1,1 @@
+"""The local demo server and its static page."""

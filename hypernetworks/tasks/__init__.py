@@ -1,0 +1,1 @@
+"""One LightningModule per kind of task: loss, metrics, logging; nothing model-specific."""

@@ -1,0 +1,1 @@
+"""Pictures: weight-activity text, kernel grids, handwriting, histograms."""

@@ -7,3 +7,8 @@ __all__: list[str] = [
     "HyperLSTM", "HyperLSTMCell", "HyperRNN", "HyperRNNCell", "WeightScaling", "LSTM", "LSTMCell",
     "build_recurrent", "gate_change_intensity", "CELL_KINDS", "GATES",
 ]
+from hypernetworks.nn.static import (  # noqa: E402  (static hypernetworks for CNNs, issue 3)
+    HyperConv2d, KernelGenerator, batched_kernels, generate_kernels, materialise, parameter_report,
+)
+__all__ += ["KernelGenerator", "HyperConv2d", "batched_kernels", "generate_kernels", "materialise",
+            "parameter_report"]

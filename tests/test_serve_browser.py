@@ -1,0 +1,156 @@
+"""End to end: real tiny checkpoints, the demo server, and its page in headless Chromium.
+
+Uses Debian's Chromium (/usr/bin/chromium; ``apt-get install chromium``) driven by the
+``playwright`` Python package; Playwright's own browser download is never used. Skipped with a
+reason when either is missing.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+from hypernetworks.serve import server as srv
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path(os.environ.get("HYPERNETWORKS_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--trainer.max_steps", "2", "--trainer.accelerator", "cpu", "--trainer.logger", "false",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.num_sanity_val_steps", "0", "--trainer.limit_val_batches", "1"]
+
+
+def _train(args: list[str]) -> None:
+    """A couple of optimiser steps through the project's real training entry point (LightningCLI)."""
+    from hypernetworks.training import run_cli
+
+    with mock.patch.object(sys, "argv", ["hypernetworks"]):  # pytest's own arguments are not the CLI's
+        run_cli(["fit", *args, *TINY])
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, shared_data) -> Path:
+    """A runs/ folder with a tiny handwriting HyperLSTM and a tiny character HyperLSTM."""
+    root = tmp_path_factory.mktemp("runs")
+    npz = shared_data / "iam_ondb" / "iam_ondb_linestrokes.npz"
+    if not npz.exists():
+        pytest.skip(f"dataset file not found: {npz}")
+    _train(["--config", str(REPO / "configs" / "iam-hyperlstm-900.yaml"), "--runs_root", str(root),
+            "--run_name", "handwriting", "--data.path", str(npz), "--data.batch_size", "2",
+            "--data.max_lines", "4", "--data.max_val_lines", "2", "--data.max_len", "40",
+            "--model.model_overrides", "{hidden_size: 24, hyper_size: 8, embedding_size: 2, num_mixtures: 3}"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def live_server(checkpoints):
+    server = srv.make_server([str(checkpoints)], port=0, max_length=400)  # the real loader: load_task
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    host, port = server.server_address[:2]
+    yield server, f"http://{host}:{port}/"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+INK_PIXELS = """(id) => {
+  const c = document.getElementById(id);
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let n = 0;
+  for (let k = 3; k < d.length; k += 4) if (d[k] > 0) n++;
+  return n;
+}"""
+
+# Records every value the traces canvas' data-points attribute takes, to see the traces grow.
+WATCH_TRACES = """() => {
+  window.__points = [];
+  const c = document.getElementById('traces');
+  new MutationObserver(() => window.__points.push(Number(c.dataset.points)))
+    .observe(c, {attributes: true, attributeFilter: ['data-points']});
+}"""
+
+
+def _option_ids(page) -> dict[str, str]:
+    return page.eval_on_selector_all("#checkpoint option", "os => Object.fromEntries(os.map(o => [o.value, o.textContent]))")
+
+
+def test_page_generates_and_reports_errors(live_server, browser, tmp_path):
+    server, url = live_server
+    page = browser.new_page(viewport={"width": 1100, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    external: list[str] = []
+    page.on("request", lambda r: None if r.url.startswith(url) else external.append(r.url))
+    page.goto(url)
+
+    # The checkpoint list is filled from the server.
+    page.wait_for_selector("#generate:not([disabled])", timeout=15000)
+    options = _option_ids(page)
+    hw = next(k for k in options if k.startswith("handwriting/"))
+    assert "handwriting" in options[hw]
+
+    # Generate handwriting: strokes appear on the canvas and the traces grow step by step.
+    page.select_option("#checkpoint", hw)
+    page.fill("#length", "120")
+    page.select_option("#speed", "4")
+    page.evaluate(WATCH_TRACES)
+    page.click("#generate")
+    page.wait_for_selector("#output[data-state=done]", timeout=60000)
+    assert page.get_attribute("#output", "data-kind") == "strokes"
+    assert page.get_attribute("#output", "data-steps") == "120"
+    assert page.is_visible("#ink") and not page.is_visible("#text-output")
+    assert page.evaluate(INK_PIXELS, "ink") > 200
+    points = page.evaluate("window.__points")
+    assert points[-1] == 120 and len(set(points)) >= 5, points  # drawn over many frames, not at once
+    assert all(a <= b for a, b in zip(points, points[1:]))
+    assert page.evaluate(INK_PIXELS, "traces") > 500
+    assert page.is_hidden("#trace-note")  # a HyperLSTM: the intensities are not all zero
+    assert page.is_hidden("#message")
+    page.screenshot(path=str(tmp_path / "serve.png"), full_page=True)
+    if os.environ.get("HYPERNETWORKS_SCREENSHOT"):  # for looking at the page while working on it
+        shutil.copy(tmp_path / "serve.png", os.environ["HYPERNETWORKS_SCREENSHOT"])
+
+    # A bad request from the page's own controls: a clear message, the button usable again.
+    page.fill("#length", "-5")
+    page.click("#generate")
+    page.wait_for_selector("#message.error", timeout=15000)
+    assert "length must be between 1 and 400, got -5" in page.text_content("#message")
+    assert page.get_attribute("#output", "data-state") == "error"
+    assert page.is_enabled("#generate")
+
+    # An unknown checkpoint (e.g. the server restarted with other files).
+    page.fill("#length", "10")
+    page.evaluate("() => { const o = new Option('gone', 'gone.ckpt', true, true); document.getElementById('checkpoint').add(o); }")
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('message').textContent.includes('unknown checkpoint')", timeout=15000)
+    assert page.is_visible("#message.error")
+
+    # Recovers: a good request clears the message.
+    page.select_option("#checkpoint", hw)
+    page.click("#generate")
+    page.wait_for_selector("#output[data-state=done]", timeout=60000)
+    assert page.is_hidden("#message")
+    assert page.get_attribute("#output", "data-steps") == "10"
+
+    assert not errors, errors
+    assert not external, external  # no CDN, nothing beyond the local server
+    page.close()

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "activity": ("hypernetworks.commands.activity", "weight-activity picture of a passage (HTML + PNG)"),
     "serve": ("hypernetworks.serve.server", "local demo page (127.0.0.1 by default)"),
     "translate": ("hypernetworks.commands.translate", "translate lines from standard input"),
+    "handwriting": ("hypernetworks.commands.handwriting", "sample handwriting from a checkpoint to SVG/PNG"),
 }
 
 

@@ -118,6 +118,10 @@ def _default_loader(path: Path):
     return load_task(path, map_location="cpu")
 
 
+def _shown(value: Any) -> str:
+    return "an empty value" if value == "" else json.dumps(value)[:80]
+
+
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
@@ -196,12 +200,12 @@ class DemoApp:
         if isinstance(length, float) and length.is_integer():
             length = int(length)
         if isinstance(length, bool) or not isinstance(length, int):
-            raise RequestError(400, f"length must be an integer, got {json.dumps(length)}")
+            raise RequestError(400, f"length must be an integer, got {_shown(length)}")
         if not 1 <= length <= self.max_length:
             raise RequestError(400, f"length must be between 1 and {self.max_length}, got {length}")
         temperature = req.get("temperature", 1.0)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-            raise RequestError(400, f"temperature must be a number, got {json.dumps(temperature)}")
+            raise RequestError(400, f"temperature must be a number, got {_shown(temperature)}")
         lo, hi = TEMPERATURE_RANGE
         if not lo <= temperature <= hi:
             raise RequestError(400, f"temperature must be between {lo} and {hi}, got {temperature}")
@@ -209,12 +213,12 @@ class DemoApp:
         if isinstance(seed, float) and seed.is_integer():
             seed = int(seed)
         if isinstance(seed, bool) or not isinstance(seed, int):
-            raise RequestError(400, f"seed must be an integer, got {json.dumps(seed)}")
+            raise RequestError(400, f"seed must be an integer, got {_shown(seed)}")
         if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
             raise RequestError(400, f"seed must be between {SEED_RANGE[0]} and {SEED_RANGE[1]}, got {seed}")
         prime = req.get("prime", "")
         if not isinstance(prime, str):
-            raise RequestError(400, f"prime must be a string, got {json.dumps(prime)}")
+            raise RequestError(400, f"prime must be a string, got {_shown(prime)}")
         if len(prime) > MAX_PRIME_CHARS:
             raise RequestError(400, f"prime must be at most {MAX_PRIME_CHARS} characters, got {len(prime)}")
         return {"checkpoint": ckpt, "length": length, "temperature": float(temperature), "seed": seed, "prime": prime}

@@ -14,7 +14,7 @@
     seed: $("seed"), prime: $("prime"), primeLabel: $("prime-label"), speed: $("speed"), colour: $("colour"),
     generate: $("generate"), message: $("message"), output: $("output"), title: $("output-title"),
     progress: $("progress"), text: $("text-output"), ink: $("ink"), placeholder: $("placeholder"),
-    traces: $("traces"), traceNote: $("trace-note"),
+    traces: $("traces"), traceNote: $("trace-note"), legend: $("legend"),
   };
 
   let kinds = {};        // checkpoint id -> "text" | "strokes" | "unknown"
@@ -168,7 +168,7 @@
     const left = 34, right = 10, top = 6, lane = (h - top - 18) / 4;
     const n = Math.max(intensity.length - 1, 1);
     const x = (t) => left + (t / n) * (w - left - right);
-    ctx.font = "13px system-ui, sans-serif";
+    ctx.font = "bold 13px system-ui, sans-serif";
     for (let k = 0; k < 4; k++) {
       const y0 = top + lane * (k + 1) - 4;   // lane baseline
       const hh = lane - 10;                  // lane drawing height
@@ -244,6 +244,8 @@
 
     anim = { result, steps, intensity, max, t: 0, raf: 0, colour: els.colour.checked && hasActivity };
     anim.traceCanvas = fitCanvas(els.traces, 240);
+    els.legend.hidden = !anim.colour;
+    els.legend.classList.toggle("text-mode", result.kind === "text");
 
     if (result.kind === "text") {
       els.title.textContent = "Generated text";

@@ -185,14 +185,19 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 class _BatchUnpickler(pickle.Unpickler):
     """Reads the official CIFAR python batches without running arbitrary code: only the numpy
-    array reconstruction that those files use is allowed."""
+    array reconstruction those files use (and _codecs.encode, which protocol-2 pickles written by
+    python 3 use for bytes) is allowed."""
 
     _allowed = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy", "ndarray"), ("numpy", "dtype")}
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self._allowed:
             raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch")
+        if module == "_codecs":
+            import codecs
+
+            return codecs.encode
         if name == "_reconstruct":
             return np.ndarray.__reduce__(np.zeros(0))[0]  # numpy's own _reconstruct, either layout
         return getattr(np, name)

@@ -148,14 +148,19 @@ def read_enwik8_bytes(path: str | os.PathLike) -> bytes:
         if path.suffix == ".zip":
             with zipfile.ZipFile(path) as z:
                 names = z.namelist()
-                if "enwik8" not in names:
-                    raise ValueError(f"{path}: zip archive has no member 'enwik8' (has {names[:5]})")
-                return z.read("enwik8")
+                data = z.read("enwik8") if "enwik8" in names else None
+            if data is None:
+                raise ValueError(f"{path}: zip archive has no member 'enwik8' (has {names[:5]})")
+            return data
         if path.suffix == ".bz2":
             return bz2.decompress(path.read_bytes())
         return path.read_bytes()
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise ValueError(f"{path}: corrupt or unreadable archive ({e})") from None
+    except ValueError as e:
+        if str(path) in str(e):
+            raise
+        raise ValueError(f"{path}: corrupt archive ({e})") from None
 
 
 def enwik8_splits(data: bytes) -> list[bytes]:
@@ -342,12 +347,12 @@ class Enwik8DataModule(CharStreamDataModule):
         self.path, self.download = path, download
 
     def prepare_data(self) -> None:
-        p = Path(self.path)
+        p = Path(self.path).expanduser()
         if self.download and not p.exists():
             download_enwik8(p.parent)
 
     def read_splits(self) -> _Splits:
-        p = Path(self.path)
+        p = Path(self.path).expanduser()
         if self.download and not p.exists():
             p = p.parent / "enwik8.zip"
         return _Splits(*(_bytes_to_text(s) for s in enwik8_splits(read_enwik8_bytes(p))))

@@ -25,7 +25,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--trainer.max_steps", "2", "--trainer.accelerator", "cpu", "--trainer.logger", "false",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--trainer.num_sanity_val_steps", "0", "--trainer.limit_val_batches", "1"]
+        "--trainer.num_sanity_val_steps", "0", "--trainer.limit_val_batches", "2"]
 
 
 def _train(args: list[str]) -> None:
@@ -47,6 +47,9 @@ def checkpoints(tmp_path_factory, shared_data) -> Path:
             "--run_name", "handwriting", "--data.path", str(npz), "--data.batch_size", "2",
             "--data.max_lines", "4", "--data.max_val_lines", "2", "--data.max_len", "40",
             "--model.model_overrides", "{hidden_size: 24, hyper_size: 8, embedding_size: 2, num_mixtures: 3}"])
+    _train(["--config", str(REPO / "configs" / "pydoc-hyperlstm.yaml"), "--runs_root", str(root), "--run_name", "chars",
+            "--model.hidden_size", "24", "--model.hyper_size", "8", "--model.embedding_size", "2",
+            "--data.batch_size", "4", "--data.seq_len", "16", "--data.eval_batch_size", "4"])
     return root
 
 
@@ -106,7 +109,8 @@ def test_page_generates_and_reports_errors(live_server, browser, tmp_path):
     page.wait_for_selector("#generate:not([disabled])", timeout=15000)
     options = _option_ids(page)
     hw = next(k for k in options if k.startswith("handwriting/"))
-    assert "handwriting" in options[hw]
+    chars = next(k for k in options if k.startswith("chars/"))
+    assert "[handwriting]" in options[hw] and "[text]" in options[chars]
 
     # Generate handwriting: strokes appear on the canvas and the traces grow step by step.
     page.select_option("#checkpoint", hw)
@@ -128,6 +132,30 @@ def test_page_generates_and_reports_errors(live_server, browser, tmp_path):
     page.screenshot(path=str(tmp_path / "serve.png"), full_page=True)
     if os.environ.get("HYPERNETWORKS_SCREENSHOT"):  # for looking at the page while working on it
         shutil.copy(tmp_path / "serve.png", os.environ["HYPERNETWORKS_SCREENSHOT"])
+
+    # Generate text after a prime: the characters appear, coloured by weight change.
+    page.select_option("#checkpoint", chars)
+    assert page.is_visible("#prime")
+    page.fill("#prime", "The ")
+    page.fill("#length", "60")
+    page.select_option("#speed", "16")
+    page.click("#generate")
+    page.wait_for_selector("#output[data-state=done]", timeout=60000)
+    assert page.get_attribute("#output", "data-kind") == "text"
+    assert page.is_visible("#text-output") and not page.is_visible("#ink")
+    text = page.text_content("#text-output")
+    assert text.startswith("The ") and len(text) == 4 + 60
+    assert page.eval_on_selector_all("#text-output span[style]", "s => s.length") == 60
+    assert page.get_attribute("#traces", "data-points") == "60"
+
+    # An empty number field: the server's message names it.
+    page.fill("#temperature", "")
+    page.click("#generate")
+    page.wait_for_selector("#message.error", timeout=15000)
+    assert "temperature must be a number, got an empty value" in page.text_content("#message")
+    page.fill("#temperature", "1")
+    page.select_option("#checkpoint", hw)
+    assert page.is_hidden("#prime")  # handwriting is unconditional
 
     # A bad request from the page's own controls: a clear message, the button usable again.
     page.fill("#length", "-5")

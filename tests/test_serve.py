@@ -213,3 +213,44 @@ def test_duplicate_names_get_distinct_ids(tmp_path):
         _ckpt(tmp_path / d / "last.ckpt", "x.Y")
     entries = srv.find_checkpoints([tmp_path / "a" / "last.ckpt", tmp_path / "b" / "last.ckpt", tmp_path / "a" / "last.ckpt"])
     assert [e.id for e in entries] == ["last.ckpt", "last.ckpt (2)"]
+
+
+# ----------------------------------------------------------------------------- real checkpoint
+@pytest.fixture(scope="module")
+def char_lm_run(tmp_path_factory) -> Path:
+    """Two optimiser steps of a tiny character HyperLSTM on the pydoc text, through the real CLI."""
+    import sys
+    from unittest import mock
+
+    from hypernetworks.training import run_cli
+
+    root = tmp_path_factory.mktemp("runs")
+    repo = Path(__file__).resolve().parents[1]
+    with mock.patch.object(sys, "argv", ["hypernetworks"]):
+        run_cli(["fit", "--config", str(repo / "configs" / "pydoc-hyperlstm.yaml"), "--runs_root", str(root),
+                 "--run_name", "chars", "--model.hidden_size", "24", "--model.hyper_size", "8",
+                 "--model.embedding_size", "2", "--data.batch_size", "4", "--data.seq_len", "16",
+                 "--data.eval_batch_size", "4", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "2",
+                 "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false",
+                 "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
+    return root
+
+
+def test_real_checkpoint_through_load_task(char_lm_run):
+    server = srv.make_server([str(char_lm_run)], port=0)  # the default loader: hypernetworks.training.load_task
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    try:
+        _, listing = request(server, "GET", "/api/checkpoints")
+        ids = [c["id"] for c in listing["checkpoints"]]
+        assert "chars/checkpoints/last.ckpt" in ids
+        assert {c["kind"] for c in listing["checkpoints"]} == {"text"}  # read from the stored class path
+        body = {"checkpoint": "chars/checkpoints/last.ckpt", "length": 25, "temperature": 1.0, "seed": 1, "prime": "def "}
+        status, a = request(server, "POST", "/api/generate", body)
+        assert status == 200, a
+        assert a["kind"] == "text" and len(a["steps"]) == 25 and all(isinstance(c, str) for c in a["steps"])
+        assert len(a["intensity"]) == 25 and all(len(r) == 4 for r in a["intensity"])
+        assert any(v > 0 for r in a["intensity"] for v in r)  # a HyperLSTM's weights do change
+        assert request(server, "POST", "/api/generate", body)[1]["steps"] == a["steps"]  # deterministic under seed
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -215,6 +215,17 @@ def test_duplicate_names_get_distinct_ids(tmp_path):
     assert [e.id for e in entries] == ["last.ckpt", "last.ckpt (2)"]
 
 
+def test_directories_skip_models_without_a_demo(tmp_path):
+    _ckpt(tmp_path / "mnist.ckpt", "hypernetworks.tasks.classification.ImageClassifier")
+    _ckpt(tmp_path / "ink.ckpt", "hypernetworks.tasks.handwriting.HandwritingTask")
+    assert [e.id for e in srv.find_checkpoints([tmp_path])] == ["ink.ckpt"]
+    # A file named explicitly is listed (and refused with a message when asked to generate).
+    assert [e.id for e in srv.find_checkpoints([tmp_path / "mnist.ckpt"])] == ["mnist.ckpt"]
+    (tmp_path / "ink.ckpt").unlink()
+    with pytest.raises(ValueError, match="holds a text or handwriting model"):
+        srv.find_checkpoints([tmp_path])
+
+
 # ----------------------------------------------------------------------------- real checkpoint
 @pytest.fixture(scope="module")
 def char_lm_run(tmp_path_factory) -> Path:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib
 import json
 import logging
 import math
@@ -69,46 +70,77 @@ def _kind_from_class_path(class_path: str) -> str:
     return "unknown"
 
 
-def checkpoint_kind(path: Path) -> str:
-    """Guess what a checkpoint draws from the task class LightningCLI stored, without loading weights."""
+def _stored_class_path(path: Path) -> str | None:
+    """The task class a checkpoint records, read without loading its weights (None if unreadable)."""
     try:
         import torch
 
         # mmap: only the small hparams dict is actually read from disk.
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-        # LightningCLI's "_class_path", or the key the project's training callbacks add.
-        class_path = hparams.get("_class_path") or (ckpt.get("hypernetworks_task_class_path") if isinstance(ckpt, dict) else None)
-        return _kind_from_class_path(str(class_path or ""))
     except Exception:  # an unreadable file is reported when it is first used, not at listing
-        return "unknown"
+        return None
+    if not isinstance(ckpt, dict):
+        return None
+    hparams = ckpt.get("hyper_parameters") or {}
+    # LightningCLI's "_class_path", or the key the project's training callbacks add.
+    class_path = hparams.get("_class_path") if isinstance(hparams, dict) else None
+    class_path = class_path or ckpt.get("hypernetworks_task_class_path")
+    return str(class_path) if class_path else None
+
+
+def _has_demo(class_path: str | None) -> bool | None:
+    """Whether the package's task class has ``demo_generate``; None when that cannot be told
+    without importing code from outside the package."""
+    if not class_path or not class_path.startswith("hypernetworks."):
+        return None
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except Exception:
+        return None
+    return callable(getattr(cls, "demo_generate", None))
+
+
+def checkpoint_kind(path: Path) -> str:
+    """Guess what a checkpoint draws ("text", "strokes", "unknown") from its stored task class."""
+    return _kind_from_class_path(_stored_class_path(path) or "")
 
 
 def find_checkpoints(paths: list[str | Path]) -> list[CheckpointEntry]:
-    """Expand files and directories (searched recursively for *.ckpt) into uniquely named entries."""
-    found: list[tuple[str, Path]] = []
+    """Expand files and directories (searched recursively for *.ckpt) into uniquely named entries.
+
+    Checkpoints found in a directory whose task has no ``demo_generate`` (an image classifier, say)
+    are left out; files named explicitly are always listed.
+    """
+    found: list[tuple[str, Path, bool]] = []
     for raw in paths:
         p = Path(raw).expanduser()
         if p.is_dir():
             files = sorted(f for f in p.rglob("*.ckpt") if f.is_file())
             if not files:
                 raise ValueError(f"checkpoints: no *.ckpt files under directory {p}")
-            found += [(f.relative_to(p).as_posix(), f) for f in files]
+            found += [(f.relative_to(p).as_posix(), f, False) for f in files]
         elif p.is_file():
-            found.append((p.name, p))
+            found.append((p.name, p, True))
         else:
             raise ValueError(f"checkpoints: no such file or directory: {p}")
     entries: list[CheckpointEntry] = []
     seen_paths: set[Path] = set()
     used: collections.Counter[str] = collections.Counter()
-    for name, path in found:
+    for name, path, explicit in found:
         resolved = path.resolve()
         if resolved in seen_paths:
             continue
         seen_paths.add(resolved)
+        class_path = _stored_class_path(resolved)
+        if not explicit and _has_demo(class_path) is False:
+            log.info("skipping %s: %s has no demo_generate", path, class_path)
+            continue
         used[name] += 1
         ident = name if used[name] == 1 else f"{name} ({used[name]})"
-        entries.append(CheckpointEntry(ident, resolved, checkpoint_kind(resolved)))
+        entries.append(CheckpointEntry(ident, resolved, _kind_from_class_path(class_path or "")))
+    if not entries:
+        raise ValueError(f"checkpoints: none of {', '.join(map(str, paths))} holds a text or handwriting model")
     return entries
 
 

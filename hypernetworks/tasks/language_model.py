@@ -52,8 +52,9 @@ class BitsPerCharacter(Metric):
         self.add_state("count", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
 
     def update(self, nll_sum: torch.Tensor, count: torch.Tensor | int) -> None:
-        self.nll += nll_sum.detach().to(torch.float64)
-        self.count += int(count)
+        # out of place: states may be inference tensors left by an earlier trainer.validate()
+        self.nll = self.nll + nll_sum.detach().to(torch.float64)
+        self.count = self.count + int(count)
 
     def compute(self) -> torch.Tensor:
         return (self.nll / self.count.clamp(min=1) / math.log(2)).to(torch.float32)

@@ -5,8 +5,10 @@ A *cell* here provides:
   ``input_projection(x)``       the input-side products for a whole (T, B, I) sequence at once;
   ``step(xw_t, state, record)`` one time step -> (h_t, new_state); ``record`` is None or a dict
                                 that collects per-step activity for analysis;
-  optionally ``forward_sequence(xw, state)`` -> (outputs, state): a fused whole-sequence path
-                                used when nothing is recorded and no sequence is padded.
+  optionally ``fused_forward(x, state)`` -> (outputs, state) or None: a fused whole-sequence
+                                path over the raw (T, B, I) input, used when nothing is recorded
+                                and no sequence is padded (None: not available, run ``step``);
+  optionally ``forward_sequence(xw, state)`` -> (outputs, state): the same from the projected input.
 
 ``RecurrentLayers`` turns a stack of such cells into a module with nn.LSTM's contract: input
 forms (time-major, batch_first, unbatched, PackedSequence), initial state, inter-layer dropout,
@@ -147,6 +149,12 @@ class RecurrentLayers(nn.Module):
         return output, state, activity
 
     def _run_layer(self, cell, x, state: State, mask, rec):
+        if rec is None and mask is None:
+            # A whole-sequence fused path (see _fused.py) when the cell has one for its config.
+            fused = getattr(cell, "fused_forward", None)
+            result = fused(x, state) if fused is not None else None
+            if result is not None:
+                return result
         xw = cell.input_projection(x)
         if rec is None and mask is None and hasattr(cell, "forward_sequence"):
             return cell.forward_sequence(xw, state)

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hypernetworks.nn import _fused
 from hypernetworks.nn._sequence import RecurrentLayers, run_cell
 from hypernetworks.nn.lstm import (GateLayerNorm, LSTM, LSTMCell, check_positive, check_probability,
                                    lstm_update, orthogonal_per_gate_)
@@ -139,6 +140,12 @@ class HyperLSTMCell(nn.Module):
                 record.setdefault(name, []).append(value.unflatten(-1, (4, H)))
             record.setdefault("h_hat", []).append(h_hat)
         return h, (h, c, h_hat, c_hat)
+
+    # Set to False to force the reference ``step`` loop (see hypernetworks/nn/_fused.py).
+    fused = True
+
+    def fused_forward(self, x: torch.Tensor, state):
+        return _fused.hyper_lstm_sequence(self, x, state)
 
     def forward(self, input: torch.Tensor, hx=None):
         return run_cell(self, input, hx)

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hypernetworks.nn import _fused
 from hypernetworks.nn._sequence import RecurrentLayers, run_cell
 
 GATES = ("i", "g", "f", "o")
@@ -131,6 +132,12 @@ class LSTMCell(nn.Module):
         pre = xw + F.linear(h, self.weight_hh)
         h, c = lstm_update(pre, c, self.gate_norm, self.cell_norm, self.recurrent_dropout, self.training)
         return h, (h, c)
+
+    # Set to False to force the reference ``step`` loop (see hypernetworks/nn/_fused.py).
+    fused = True
+
+    def fused_forward(self, x: torch.Tensor, state: tuple[torch.Tensor, ...]):
+        return _fused.lstm_sequence(self, x, state)
 
     def forward(self, input: torch.Tensor, hx: tuple[torch.Tensor, ...] | None = None):
         return run_cell(self, input, hx)

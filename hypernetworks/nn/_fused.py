@@ -1,0 +1,411 @@
+"""Fused whole-sequence forward and backward for the LSTM and HyperLSTM layers.
+
+Autograd over a per-step loop records ~30 small ops per step and, in backward, computes every
+weight gradient as one thin matrix product per step. The ``torch.autograd.Function``s here run
+the time loop themselves, save only what backward needs (gate activations, cells, the hyper
+embeddings z, the hidden-side products), and do backpropagation through time by hand:
+
+* forward, per step: ONE matrix product ``h_{t-1} @ [W_h; W_hat_h]^T`` serves both the main
+  LSTM and the hyper LSTM's h-columns; the scaling vectors d come from z by a batched product
+  with the (3, 4, H, N_z) projection, so no per-step weight matrix is ever formed;
+* backward, per step: one matrix product for dh_{t-1} with the same concatenated weight; the
+  per-step gradients of the hidden-side pre-activations are written into a (T, B, .) buffer
+  and every weight gradient is then ONE matrix product over all T * B rows (as cuDNN does).
+
+On CPU in float32 the per-step products go through oneDNN (``mkldnn::_linear_pointwise``),
+which on this class of machine is ~2x faster than the BLAS ``mm`` at batch-sized M, and is
+what ``torch.nn.LSTM``'s own CPU kernel uses; elsewhere (float64, CUDA) they use ``torch.mm``.
+
+The plain LSTM without layer norm or recurrent dropout simply calls torch's fused LSTM kernel
+(``torch._VF.lstm``, i.e. oneDNN on CPU and cuDNN on GPU) with the gates permuted from this
+package's i, g, f, o order to torch's i, f, g, o.
+
+Numerics, parameter layout and the random stream of recurrent dropout are those of the eager
+``step`` path (masks are drawn per step in the same order, hyper LSTM first), so the two paths
+agree to rounding. Switch the fused path off with the environment variable
+``HYPERNETWORKS_FUSED=0`` or per cell with ``cell.fused = False`` (e.g. to debug against the
+reference ``step``). Activity recording and PackedSequence input always use ``step``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+ENV_VAR = "HYPERNETWORKS_FUSED"
+_GATE_PERM = (0, 2, 1, 3)  # i, g, f, o -> torch's i, f, g, o
+
+
+def fused_enabled(cell) -> bool:
+    return bool(getattr(cell, "fused", True)) and os.environ.get(ENV_VAR, "1") not in ("0", "false", "False")
+
+
+# -- matrix products --------------------------------------------------------------------------
+def _has_onednn_linear() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_ONEDNN = _has_onednn_linear()
+
+
+def _linear(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``a @ w.T`` for a (M, K), w (N, K)."""
+    if _ONEDNN and a.device.type == "cpu" and a.dtype == torch.float32:
+        return torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
+    return torch.mm(a, w.t())
+
+
+# -- one LSTM state update, forward and backward ----------------------------------------------
+class _Saved:
+    """Per-sequence buffers for one LSTM (main or hyper) in the fused loop."""
+
+    def __init__(self, T: int, B: int, S: int, like: torch.Tensor, layer_norm: bool):
+        self.act = like.new_empty(T, B, 4 * S)       # sigmoid(i), tanh(g), sigmoid(f), sigmoid(o)
+        self.c = like.new_empty(T + 1, B, S)         # c_0 .. c_T
+        self.ln = layer_norm
+        if layer_norm:
+            self.gx = like.new_empty(T, B, 4, S)     # normalised gate pre-activations
+            self.grstd = like.new_empty(T, B, 4, 1)
+            self.cmean = like.new_empty(T, B, 1)
+            self.crstd = like.new_empty(T, B, 1)
+            self.tc = like.new_empty(T, B, S)        # tanh(LN(c))
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = [self.act, self.c]
+        if self.ln:
+            out += [self.gx, self.grstd, self.cmean, self.crstd, self.tc]
+        return out
+
+    @classmethod
+    def from_tensors(cls, items: list[torch.Tensor], layer_norm: bool) -> "_Saved":
+        self = cls.__new__(cls)
+        self.ln = layer_norm
+        self.act, self.c = items[0], items[1]
+        if layer_norm:
+            self.gx, self.grstd, self.cmean, self.crstd, self.tc = items[2:7]
+        return self
+
+
+def _update_forward(t: int, pre: torch.Tensor, sv: _Saved, norms, mask, eps: float) -> torch.Tensor:
+    """The LSTM update of ``lstm.lstm_update`` at step t; writes c_{t+1} and what backward needs."""
+    B, S = pre.size(0), sv.c.size(-1)
+    gw, gb, cw, cb = norms
+    if sv.ln:
+        gx, _, rstd = torch.native_layer_norm(pre.view(B, 4, S), (S,), None, None, eps)
+        sv.gx[t].copy_(gx)
+        sv.grstd[t].copy_(rstd)
+        pre = torch.addcmul(gb, gx, gw).view(B, 4 * S)
+    act = sv.act[t]
+    torch.sigmoid(pre, out=act)
+    g = act[:, S:2 * S]
+    torch.tanh(pre[:, S:2 * S], out=g)
+    i, f, o = act[:, :S], act[:, 2 * S:3 * S], act[:, 3 * S:]
+    if mask is not None:
+        g = g * mask
+    c = torch.addcmul(f * sv.c[t], i, g, out=sv.c[t + 1])
+    if sv.ln:
+        cn, cmean, crstd = torch.native_layer_norm(c, (S,), cw, cb, eps)
+        sv.cmean[t].copy_(cmean)
+        sv.crstd[t].copy_(crstd)
+        tc = torch.tanh(cn, out=sv.tc[t])
+    else:
+        tc = torch.tanh(c)
+    return o * tc
+
+
+def _update_backward(t: int, dh: torch.Tensor, dc: torch.Tensor, sv: _Saved, norms, mask, eps: float,
+                     grads: dict, dpre_out: torch.Tensor) -> torch.Tensor:
+    """Backward of ``_update_forward`` at step t. Writes d(pre) into ``dpre_out`` (B, 4S) and
+    returns dc_{t-1}; layer-norm parameter gradients accumulate into ``grads``."""
+    S = sv.c.size(-1)
+    act = sv.act[t]
+    i, g, f, o = act[:, :S], act[:, S:2 * S], act[:, 2 * S:3 * S], act[:, 3 * S:]
+    c = sv.c[t + 1]
+    tc = sv.tc[t] if sv.ln else torch.tanh(c)
+    d_o = dh * tc
+    dtc = dh * o * (1.0 - tc * tc)
+    gw, gb, cw, cb = norms
+    if sv.ln:
+        dcn, dcw, dcb = torch.ops.aten.native_layer_norm_backward(
+            dtc, c, (S,), sv.cmean[t], sv.crstd[t], cw, cb, [True, True, True])
+        grads["cw"] += dcw
+        grads["cb"] += dcb
+        dc = dc + dcn
+    else:
+        dc = dc + dtc
+    gm = g * mask if mask is not None else g
+    dg = dc * i
+    if mask is not None:
+        dg = dg * mask
+    dact = dpre_out  # gradient w.r.t. the activated gates, then through the nonlinearities
+    dact[:, :S] = dc * gm
+    dact[:, S:2 * S] = dg
+    dact[:, 2 * S:3 * S] = dc * sv.c[t]
+    dact[:, 3 * S:] = d_o
+    dc_prev = dc * f
+    dg_pre = dact[:, S:2 * S] * (1.0 - g * g)
+    dact.mul_(act * (1.0 - act))
+    dact[:, S:2 * S] = dg_pre
+    if sv.ln:
+        B = dh.size(0)
+        dy = dact.view(B, 4, S)
+        gx = sv.gx[t]
+        grads["gw"] += (dy * gx).sum(0)
+        grads["gb"] += dy.sum(0)
+        dxh = dy * gw
+        dx = (dxh - dxh.mean(-1, keepdim=True) - gx * (dxh * gx).mean(-1, keepdim=True)) * sv.grstd[t]
+        dact.copy_(dx.view(B, 4 * S))
+    return dc_prev
+
+
+def _norm_params(cell):
+    if cell.gate_norm is None:
+        return (None, None, None, None)
+    return (cell.gate_norm.weight, cell.gate_norm.bias, cell.cell_norm.weight, cell.cell_norm.bias)
+
+
+def _eps(cell) -> float:
+    return float(cell.gate_norm.eps) if cell.gate_norm is not None else 1e-5
+
+
+def _ln_grads(norms, like_S) -> dict:
+    if norms[0] is None:
+        return {}
+    gw, _, cw, _ = norms
+    return {"gw": torch.zeros_like(gw), "gb": torch.zeros_like(gw),
+            "cw": torch.zeros_like(cw), "cb": torch.zeros_like(cw)}
+
+
+def _dropout_masks(cells_rates, T: int, B: int, like: torch.Tensor):
+    """Recurrent-dropout masks, drawn per step in the eager path's order (same random stream)."""
+    active = [(S, p) for S, p in cells_rates]
+    if all(p is None for _, p in active):
+        return [None] * len(active)
+    out = [like.new_empty(T, B, S) if p is not None else None for S, p in active]
+    ones = [like.new_ones(B, S) if p is not None else None for S, p in active]
+    for t in range(T):
+        for k, (S, p) in enumerate(active):
+            if p is not None:
+                out[k][t] = F.dropout(ones[k], p, training=True)
+    return out
+
+
+# -- the HyperLSTM layer -----------------------------------------------------------------------
+class _HyperLSTMFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xw, h0, c0, hh0, ch0, w_cat, w_hat_hh, z_weight, z_bias, d_weight, bias,
+                gw, gb, cw, cb, hgw, hgb, hcw, hcb, mask, hmask, eps, hyper_eps):
+        T, B = xw.shape[:2]
+        H, Hh = h0.size(-1), hh0.size(-1)
+        Nz = d_weight.size(-1)
+        n = 4 * Nz
+        ln = gw is not None
+        main = _Saved(T, B, H, xw, ln)
+        hyp = _Saved(T, B, Hh, xw, ln)
+        main.c[0] = c0
+        hyp.c[0] = ch0
+        out = xw.new_empty(T, B, H)
+        hh_all = xw.new_empty(T + 1, B, Hh)
+        hh_all[0] = hh0
+        a_all = xw.new_empty(T, B, 4 * H)      # W_h h_{t-1}, needed for d(d_h)
+        z_all = xw.new_empty(T, B, 3 * n)
+        d_w = d_weight.reshape(12, H, Nz).transpose(1, 2)  # (12, Nz, H)
+        norms, hnorms = (gw, gb, cw, cb), (hgw, hgb, hcw, hcb)
+        h = h0
+        for t in range(T):
+            a = _linear(h, w_cat)                                 # (B, 4H + 4Hh)
+            a_all[t] = a[:, :4 * H]
+            hyper_pre = torch.addmm(xw[t, :, 4 * H:] + a[:, 4 * H:], hh_all[t], w_hat_hh.t())
+            hh = _update_forward(t, hyper_pre, hyp, hnorms, None if hmask is None else hmask[t], hyper_eps)
+            hh_all[t + 1] = hh
+            z = z_all[t]
+            torch.mm(hh, z_weight.t(), out=z)
+            z[:, :2 * n] += z_bias
+            d = torch.bmm(z.view(B, 12, Nz).transpose(0, 1), d_w)   # (12, B, H)
+            d = d.view(3, 4, B, H).permute(0, 2, 1, 3)               # (3, B, 4, H)
+            pre = (a_all[t].view(B, 4, H) * d[0] + xw[t, :, :4 * H].view(B, 4, H) * d[1] + d[2]).view(B, 4 * H)
+            if bias is not None:
+                pre += bias
+            h = _update_forward(t, pre, main, norms, None if mask is None else mask[t], eps)
+            out[t] = h
+        ctx.ln = ln
+        ctx.eps, ctx.hyper_eps = eps, hyper_eps
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(xw, h0, out, hh_all, a_all, z_all, w_cat, w_hat_hh, z_weight, d_weight,
+                              gw, gb, cw, cb, hgw, hgb, hcw, hcb, mask, hmask,
+                              *main.tensors(), *hyp.tensors())
+        return out, main.c[T].clone(), hh_all[T].clone(), hyp.c[T].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out, d_cT, d_hhT, d_chT):
+        (xw, h0, out, hh_all, a_all, z_all, w_cat, w_hat_hh, z_weight, d_weight,
+         gw, gb, cw, cb, hgw, hgb, hcw, hcb, mask, hmask, *rest) = ctx.saved_tensors
+        ln = ctx.ln
+        k = 7 if ln else 2
+        main = _Saved.from_tensors(rest[:k], ln)
+        hyp = _Saved.from_tensors(rest[k:], ln)
+        T, B = xw.shape[:2]
+        H, Hh, Nz = h0.size(-1), hh_all.size(-1), d_weight.size(-1)
+        n = 4 * Nz
+        norms, hnorms = (gw, gb, cw, cb), (hgw, hgb, hcw, hcb)
+        grads, hgrads = _ln_grads(norms, H), _ln_grads(hnorms, Hh)
+        d_xw = torch.empty_like(xw)                      # (T, B, 4H + 4Hh)
+        d_a = xw.new_empty(T, B, 4 * H + 4 * Hh)         # grads of h_{t-1} @ w_cat^T
+        d_z = torch.empty_like(z_all)
+        d_d = xw.new_empty(3, B, 4, H)
+        d_w = d_weight.reshape(12, H, Nz)                # (12, H, Nz)
+        d_wt = d_w.transpose(1, 2)                       # (12, Nz, H)
+        g_d = xw.new_zeros(12, Nz, H)
+        g_bias = xw.new_zeros(4 * H) if ctx.has_bias else None
+        dpre = xw.new_empty(B, 4 * H)
+        zeros = lambda S: xw.new_zeros(B, S)  # noqa: E731
+        dh = zeros(H)
+        dc = d_cT if d_cT is not None else zeros(H)
+        dhh = d_hhT if d_hhT is not None else zeros(Hh)
+        dch = d_chT if d_chT is not None else zeros(Hh)
+        w_cat_t = w_cat.t().contiguous()
+        for t in range(T - 1, -1, -1):
+            if d_out is not None:
+                dh = dh + d_out[t]
+            dc = _update_backward(t, dh, dc, main, norms, None if mask is None else mask[t], ctx.eps, grads, dpre)
+            if g_bias is not None:
+                g_bias += dpre.sum(0)
+            z = z_all[t]
+            d = torch.bmm(z.view(B, 12, Nz).transpose(0, 1), d_wt).view(3, 4, B, H).permute(0, 2, 1, 3)
+            dp = dpre.view(B, 4, H)
+            d_a[t, :, :4 * H].view(B, 4, H).copy_(dp * d[0])
+            d_xw[t, :, :4 * H].view(B, 4, H).copy_(dp * d[1])
+            torch.mul(dp, a_all[t].view(B, 4, H), out=d_d[0])
+            torch.mul(dp, xw[t, :, :4 * H].view(B, 4, H), out=d_d[1])
+            d_d[2] = dp
+            dd = d_d.view(3, B, 4, H).permute(0, 2, 1, 3).reshape(12, B, H)
+            g_d.baddbmm_(z.view(B, 12, Nz).transpose(0, 1).transpose(1, 2), dd)
+            dz = torch.bmm(dd, d_w).transpose(0, 1).reshape(B, 3 * n)   # (B, 12 * Nz)
+            d_z[t] = dz
+            dhh = torch.addmm(dhh, dz, z_weight)
+            dhpre = d_a[t, :, 4 * H:]
+            dch = _update_backward(t, dhh, dch, hyp, hnorms, None if hmask is None else hmask[t],
+                                   ctx.hyper_eps, hgrads, dhpre)
+            d_xw[t, :, 4 * H:] = dhpre
+            dhh = torch.mm(dhpre, w_hat_hh)
+            dh = _linear(d_a[t], w_cat_t)
+        # Weight gradients: one product over all T * B rows each.
+        TB = T * B
+        g_cat = torch.mm(d_a[0].t(), h0)
+        if T > 1:
+            g_cat.addmm_(d_a[1:].reshape((T - 1) * B, -1).t(), out[:-1].reshape((T - 1) * B, H))
+        dhp = d_a[:, :, 4 * H:].reshape(TB, 4 * Hh)
+        g_hat_hh = torch.mm(dhp.t(), hh_all[:-1].reshape(TB, Hh))
+        g_zw = torch.mm(d_z.view(TB, 3 * n).t(), hh_all[1:].reshape(TB, Hh))
+        g_zb = d_z[:, :, :2 * n].sum((0, 1))
+        g_dw = g_d.transpose(1, 2).reshape(d_weight.shape)
+        ln_g = (grads.get("gw"), grads.get("gb"), grads.get("cw"), grads.get("cb"),
+                hgrads.get("gw"), hgrads.get("gb"), hgrads.get("cw"), hgrads.get("cb"))
+        return (d_xw, dh, dc, dhh, dch, g_cat, g_hat_hh, g_zw, g_zb, g_dw, g_bias,
+                *ln_g, None, None, None, None)
+
+
+def hyper_lstm_sequence(cell, x: torch.Tensor, state):
+    """The fused forward of ``HyperLSTMCell`` over a (T, B, I) sequence, or None when the cell's
+    configuration is not covered (the caller then runs the eager ``step`` loop)."""
+    if not fused_enabled(cell) or x.dtype not in (torch.float32, torch.float64):
+        return None
+    h0, c0, hh0, ch0 = state
+    T, B = x.shape[:2]
+    H, Hh = cell.hidden_size, cell.hyper_size
+    xw = cell.input_projection(x)
+    hyper = cell.hyper
+    w_cat = torch.cat([cell.weight_hh, hyper.weight_ih[:, :H]], dim=0)
+    training = cell.training
+    rates = [(Hh, hyper.recurrent_dropout if training and hyper.recurrent_dropout > 0 else None),
+             (H, cell.recurrent_dropout if training and cell.recurrent_dropout > 0 else None)]
+    hmask, mask = _dropout_masks(rates, T, B, x)
+    norms, hnorms = _norm_params(cell), _norm_params(hyper)
+    sc = cell.scaling
+    out, cT, hhT, chT = _HyperLSTMFunction.apply(
+        xw, h0, c0, hh0, ch0, w_cat, hyper.weight_hh, sc.z_weight, sc.z_bias, sc.d_weight, sc.bias,
+        *norms, *hnorms, mask, hmask, _eps(cell), _eps(hyper))
+    return out, (out[-1], cT, hhT, chT)
+
+
+# -- the LSTM layer ----------------------------------------------------------------------------
+class _LSTMFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xw, h0, c0, w_hh, gw, gb, cw, cb, mask, eps):
+        T, B = xw.shape[:2]
+        H = h0.size(-1)
+        ln = gw is not None
+        sv = _Saved(T, B, H, xw, ln)
+        sv.c[0] = c0
+        out = xw.new_empty(T, B, H)
+        norms = (gw, gb, cw, cb)
+        h = h0
+        for t in range(T):
+            pre = _linear(h, w_hh)
+            pre += xw[t]
+            h = _update_forward(t, pre, sv, norms, None if mask is None else mask[t], eps)
+            out[t] = h
+        ctx.ln, ctx.eps = ln, eps
+        ctx.save_for_backward(h0, out, w_hh, gw, gb, cw, cb, mask, *sv.tensors())
+        return out, sv.c[T].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out, d_cT):
+        h0, out, w_hh, gw, gb, cw, cb, mask, *rest = ctx.saved_tensors
+        sv = _Saved.from_tensors(rest, ctx.ln)
+        T, B, H = out.shape
+        norms = (gw, gb, cw, cb)
+        grads = _ln_grads(norms, H)
+        d_xw = out.new_empty(T, B, 4 * H)
+        dh = out.new_zeros(B, H)
+        dc = d_cT if d_cT is not None else out.new_zeros(B, H)
+        w_t = w_hh.t().contiguous()
+        for t in range(T - 1, -1, -1):
+            if d_out is not None:
+                dh = dh + d_out[t]
+            dc = _update_backward(t, dh, dc, sv, norms, None if mask is None else mask[t], ctx.eps, grads, d_xw[t])
+            dh = _linear(d_xw[t], w_t)
+        g_hh = torch.mm(d_xw[0].t(), h0)
+        if T > 1:
+            g_hh.addmm_(d_xw[1:].reshape((T - 1) * B, 4 * H).t(), out[:-1].reshape((T - 1) * B, H))
+        return (d_xw, dh, dc, g_hh, grads.get("gw"), grads.get("gb"), grads.get("cw"), grads.get("cb"),
+                None, None)
+
+
+def lstm_sequence(cell, x: torch.Tensor, state):
+    """The fused forward of ``LSTMCell`` over a (T, B, I) sequence, or None when not covered."""
+    if not fused_enabled(cell) or x.dtype not in (torch.float32, torch.float64):
+        return None
+    h0, c0 = state
+    T, B = x.shape[:2]
+    H = cell.hidden_size
+    rd = cell.recurrent_dropout if cell.training and cell.recurrent_dropout > 0 else None
+    if cell.gate_norm is None and rd is None:
+        return _torch_lstm(cell, x, h0, c0)
+    (mask,) = _dropout_masks([(H, rd)], T, B, x)
+    xw = cell.input_projection(x)
+    out, cT = _LSTMFunction.apply(xw, h0, c0, cell.weight_hh, *_norm_params(cell), mask, _eps(cell))
+    return out, (out[-1], cT)
+
+
+def _torch_lstm(cell, x, h0, c0):
+    """Plain LSTM: torch's fused kernel (oneDNN on CPU, cuDNN on GPU), gates permuted to i, f, g, o."""
+    H = cell.hidden_size
+    perm = torch.tensor(_GATE_PERM, device=x.device)
+
+    def permute(w):
+        return w.view(4, H, *w.shape[1:]).index_select(0, perm).reshape(w.shape)
+
+    weights = [permute(cell.weight_ih), permute(cell.weight_hh)]
+    if cell.bias is not None:
+        weights += [permute(cell.bias), torch.zeros_like(cell.bias)]
+    out, hT, cT = torch._VF.lstm(x, (h0.unsqueeze(0), c0.unsqueeze(0)), weights, cell.bias is not None,
+                                 1, 0.0, cell.training, False, False)
+    return out, (hT[0], cT[0])

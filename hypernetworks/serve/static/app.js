@@ -120,23 +120,30 @@
   }
 
   // ---- intensity -----------------------------------------------------------------------
-  function gateMaxima(intensity) {
-    const max = [0, 0, 0, 0];
-    for (const row of intensity) {
-      for (let k = 0; k < 4; k++) {
+  // Per-gate scale for drawing: the 98th percentile over the steps after the first, so the
+  // transient at the first step (measured against the initial state) does not flatten the
+  // rest; larger values are drawn clipped at the top.
+  function gateScales(intensity) {
+    const scale = [0, 0, 0, 0];
+    for (let k = 0; k < 4; k++) {
+      const all = [];
+      for (const row of intensity) {
         const v = row && row[k];
-        if (typeof v === "number" && v > max[k]) max[k] = v;
+        if (typeof v === "number" && isFinite(v)) all.push(v);
       }
+      const rest = (all.length > 1 ? all.slice(1) : all).sort((a, b) => a - b);
+      const q = rest.length ? rest[Math.floor(0.98 * (rest.length - 1))] : 0;
+      scale[k] = q > 0 ? q : Math.max(0, ...all);
     }
-    return max;
+    return scale;
   }
 
-  // Mean over gates of intensity / that gate's maximum: one number in [0, 1] per step.
+  // Mean over gates of intensity / that gate's scale (clipped at 1): one number in [0, 1] per step.
   function stepLevel(row, max) {
     if (!row) return 0;
     let s = 0, n = 0;
     for (let k = 0; k < 4; k++) {
-      if (max[k] > 0 && typeof row[k] === "number") { s += row[k] / max[k]; n++; }
+      if (max[k] > 0 && typeof row[k] === "number") { s += Math.min(1, row[k] / max[k]); n++; }
     }
     return n ? s / n : 0;
   }
@@ -180,7 +187,7 @@
       if (upto < 1) continue;
       const yv = (t) => {
         const v = intensity[t] && intensity[t][k];
-        return y0 - (max[k] > 0 && typeof v === "number" ? (v / max[k]) * hh : 0);
+        return y0 - (max[k] > 0 && typeof v === "number" ? Math.min(1, v / max[k]) * hh : 0);
       };
       ctx.beginPath();
       ctx.moveTo(x(0), y0);
@@ -233,7 +240,7 @@
   function startAnimation(result, req) {
     const steps = Array.isArray(result.steps) ? result.steps : [];
     const intensity = Array.isArray(result.intensity) ? result.intensity : [];
-    const max = gateMaxima(intensity);
+    const max = gateScales(intensity);
     const hasActivity = max.some((m) => m > 0);
     els.placeholder.hidden = steps.length > 0;
     if (!steps.length) els.placeholder.textContent = "The model returned an empty sample.";

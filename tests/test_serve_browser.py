@@ -7,7 +7,6 @@ reason when either is missing.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import threading
 from pathlib import Path
@@ -37,34 +36,6 @@ def _train(args: list[str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, shared_data) -> Path:
-    """A runs/ folder with a tiny handwriting HyperLSTM and a tiny character HyperLSTM."""
-    root = tmp_path_factory.mktemp("runs")
-    npz = shared_data / "iam_ondb" / "iam_ondb_linestrokes.npz"
-    if not npz.exists():
-        pytest.skip(f"dataset file not found: {npz}")
-    _train(["--config", str(REPO / "configs" / "iam-hyperlstm-900.yaml"), "--runs_root", str(root),
-            "--run_name", "handwriting", "--data.path", str(npz), "--data.batch_size", "2",
-            "--data.max_lines", "4", "--data.max_val_lines", "2", "--data.max_len", "40",
-            "--model.model_overrides", "{hidden_size: 24, hyper_size: 8, embedding_size: 2, num_mixtures: 3}"])
-    _train(["--config", str(REPO / "configs" / "pydoc-hyperlstm.yaml"), "--runs_root", str(root), "--run_name", "chars",
-            "--model.hidden_size", "24", "--model.hyper_size", "8", "--model.embedding_size", "2",
-            "--data.batch_size", "4", "--data.seq_len", "16", "--data.eval_batch_size", "4"])
-    return root
-
-
-@pytest.fixture(scope="module")
-def live_server(checkpoints):
-    server = srv.make_server([str(checkpoints)], port=0, max_length=400)  # the real loader: load_task
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    host, port = server.server_address[:2]
-    yield server, f"http://{host}:{port}/"
-    server.shutdown()
-    server.server_close()
-
-
-@pytest.fixture(scope="module")
 def browser():
     if not CHROMIUM.exists():
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
@@ -73,6 +44,43 @@ def browser():
         b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         yield b
         b.close()
+
+
+def _serve(root: Path):
+    server = srv.make_server([str(root)], port=0, max_length=400)  # the real loader: load_task
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    host, port = server.server_address[:2]
+    return server, f"http://{host}:{port}/"
+
+
+@pytest.fixture(scope="module")
+def text_server(browser, tmp_path_factory):
+    """A tiny character HyperLSTM (pydoc text: no dataset needed) behind a live server."""
+    root = tmp_path_factory.mktemp("runs")
+    _train(["--config", str(REPO / "configs" / "pydoc-hyperlstm.yaml"), "--runs_root", str(root), "--run_name", "chars",
+            "--model.hidden_size", "24", "--model.hyper_size", "8", "--model.embedding_size", "2",
+            "--data.batch_size", "4", "--data.seq_len", "16", "--data.eval_batch_size", "4"])
+    server, url = _serve(root)
+    yield url
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def handwriting_server(browser, tmp_path_factory, shared_data):
+    """A tiny handwriting HyperLSTM (4 IAM-OnDB lines) behind a live server."""
+    npz = shared_data / "iam_ondb" / "iam_ondb_linestrokes.npz"
+    if not npz.exists():
+        pytest.skip(f"dataset file not found: {npz}")
+    root = tmp_path_factory.mktemp("runs")
+    _train(["--config", str(REPO / "configs" / "iam-hyperlstm-900.yaml"), "--runs_root", str(root),
+            "--run_name", "handwriting", "--data.path", str(npz), "--data.batch_size", "2",
+            "--data.max_lines", "4", "--data.max_val_lines", "2", "--data.max_len", "40",
+            "--model.model_overrides", "{hidden_size: 24, hyper_size: 8, embedding_size: 2, num_mixtures: 3}"])
+    server, url = _serve(root)
+    yield url
+    server.shutdown()
+    server.server_close()
 
 
 INK_PIXELS = """(id) => {
@@ -92,53 +100,36 @@ WATCH_TRACES = """() => {
 }"""
 
 
-def _option_ids(page) -> dict[str, str]:
-    return page.eval_on_selector_all("#checkpoint option", "os => Object.fromEntries(os.map(o => [o.value, o.textContent]))")
-
-
-def test_page_generates_and_reports_errors(live_server, browser, tmp_path):
-    server, url = live_server
+def _open(browser, url):
+    """A page on the demo, with the checkpoint list loaded; records script errors and outside requests."""
     page = browser.new_page(viewport={"width": 1100, "height": 900})
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    external: list[str] = []
-    page.on("request", lambda r: None if r.url.startswith(url) else external.append(r.url))
+    page.errors, page.external = [], []
+    page.on("pageerror", lambda e: page.errors.append(str(e)))
+    page.on("request", lambda r: None if r.url.startswith(url) else page.external.append(r.url))
     page.goto(url)
-
-    # The checkpoint list is filled from the server.
     page.wait_for_selector("#generate:not([disabled])", timeout=15000)
-    options = _option_ids(page)
-    hw = next(k for k in options if k.startswith("handwriting/"))
-    chars = next(k for k in options if k.startswith("chars/"))
-    assert "[handwriting]" in options[hw] and "[text]" in options[chars]
+    options = page.eval_on_selector_all("#checkpoint option", "os => Object.fromEntries(os.map(o => [o.value, o.textContent]))")
+    return page, options
 
-    # Generate handwriting: strokes appear on the canvas and the traces grow step by step.
-    page.select_option("#checkpoint", hw)
-    page.fill("#length", "120")
-    page.select_option("#speed", "4")
-    page.evaluate(WATCH_TRACES)
-    page.click("#generate")
-    page.wait_for_selector("#output[data-state=done]", timeout=60000)
-    assert page.get_attribute("#output", "data-kind") == "strokes"
-    assert page.get_attribute("#output", "data-steps") == "120"
-    assert page.is_visible("#ink") and not page.is_visible("#text-output")
-    assert page.evaluate(INK_PIXELS, "ink") > 200
-    points = page.evaluate("window.__points")
-    assert points[-1] == 120 and len(set(points)) >= 5, points  # drawn over many frames, not at once
-    assert all(a <= b for a, b in zip(points, points[1:]))
-    assert page.evaluate(INK_PIXELS, "traces") > 500
-    assert page.is_hidden("#trace-note")  # a HyperLSTM: the intensities are not all zero
-    assert page.is_hidden("#message")
-    page.screenshot(path=str(tmp_path / "serve.png"), full_page=True)
-    if os.environ.get("HYPERNETWORKS_SCREENSHOT"):  # for looking at the page while working on it
-        shutil.copy(tmp_path / "serve.png", os.environ["HYPERNETWORKS_SCREENSHOT"])
 
-    # Generate text after a prime: the characters appear, coloured by weight change.
-    page.select_option("#checkpoint", chars)
+def _done(page):
+    assert not page.errors, page.errors
+    assert not page.external, page.external  # no CDN, nothing beyond the local server
+    page.close()
+
+
+def test_text_page_and_error_messages(browser, text_server):
+    page, options = _open(browser, text_server)
+    assert options and all(k.startswith("chars/") and "[text]" in v for k, v in options.items()), options
+    ckpt = "chars/checkpoints/last.ckpt"
+    page.select_option("#checkpoint", ckpt)
+
+    # Generate text after a prime: the characters appear one by one, coloured by weight change,
+    # and the traces are drawn to the sample's length.
     assert page.is_visible("#prime")
     page.fill("#prime", "The ")
     page.fill("#length", "60")
-    page.select_option("#speed", "16")
+    page.evaluate(WATCH_TRACES)
     page.click("#generate")
     page.wait_for_selector("#output[data-state=done]", timeout=60000)
     assert page.get_attribute("#output", "data-kind") == "text"
@@ -146,16 +137,12 @@ def test_page_generates_and_reports_errors(live_server, browser, tmp_path):
     text = page.text_content("#text-output")
     assert text.startswith("The ") and len(text) == 4 + 60
     assert page.eval_on_selector_all("#text-output span[style]", "s => s.length") == 60
-    assert page.get_attribute("#traces", "data-points") == "60"
-
-    # An empty number field: the server's message names it.
-    page.fill("#temperature", "")
-    page.click("#generate")
-    page.wait_for_selector("#message.error", timeout=15000)
-    assert "temperature must be a number, got an empty value" in page.text_content("#message")
-    page.fill("#temperature", "1")
-    page.select_option("#checkpoint", hw)
-    assert page.is_hidden("#prime")  # handwriting is unconditional
+    points = page.evaluate("window.__points")
+    assert points[-1] == 60 and len(set(points)) >= 5, points  # drawn over many frames, not at once
+    assert page.evaluate(INK_PIXELS, "traces") > 500
+    assert page.is_hidden("#trace-note") and page.is_hidden("#message")
+    if os.environ.get("HYPERNETWORKS_SCREENSHOT_DIR"):  # for looking at the page while working on it
+        page.screenshot(path=str(Path(os.environ["HYPERNETWORKS_SCREENSHOT_DIR"]) / "serve-text.png"), full_page=True)
 
     # A bad request from the page's own controls: a clear message, the button usable again.
     page.fill("#length", "-5")
@@ -165,20 +152,47 @@ def test_page_generates_and_reports_errors(live_server, browser, tmp_path):
     assert page.get_attribute("#output", "data-state") == "error"
     assert page.is_enabled("#generate")
 
-    # An unknown checkpoint (e.g. the server restarted with other files).
+    # An empty number field: the server's message names it.
     page.fill("#length", "10")
-    page.evaluate("() => { const o = new Option('gone', 'gone.ckpt', true, true); document.getElementById('checkpoint').add(o); }")
+    page.fill("#temperature", "")
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('message').textContent.includes('temperature')", timeout=15000)
+    assert "temperature must be a number, got an empty value" in page.text_content("#message")
+    page.fill("#temperature", "1")
+
+    # An unknown checkpoint (e.g. the server restarted with other files).
+    page.evaluate("() => document.getElementById('checkpoint').add(new Option('gone', 'gone.ckpt', true, true))")
     page.click("#generate")
     page.wait_for_function("document.getElementById('message').textContent.includes('unknown checkpoint')", timeout=15000)
     assert page.is_visible("#message.error")
 
     # Recovers: a good request clears the message.
-    page.select_option("#checkpoint", hw)
+    page.select_option("#checkpoint", ckpt)
     page.click("#generate")
     page.wait_for_selector("#output[data-state=done]", timeout=60000)
     assert page.is_hidden("#message")
     assert page.get_attribute("#output", "data-steps") == "10"
+    _done(page)
 
-    assert not errors, errors
-    assert not external, external  # no CDN, nothing beyond the local server
-    page.close()
+
+def test_handwriting_page_draws_strokes_and_traces(browser, handwriting_server):
+    page, options = _open(browser, handwriting_server)
+    assert options and all("[handwriting]" in v for v in options.values()), options
+    page.select_option("#checkpoint", "handwriting/checkpoints/last.ckpt")
+    assert page.is_hidden("#prime")  # handwriting is unconditional
+    page.fill("#length", "120")
+    page.evaluate(WATCH_TRACES)
+    page.click("#generate")
+    page.wait_for_selector("#output[data-state=done]", timeout=60000)
+    assert page.get_attribute("#output", "data-kind") == "strokes"
+    assert page.get_attribute("#output", "data-steps") == "120"
+    assert page.is_visible("#ink") and not page.is_visible("#text-output")
+    assert page.evaluate(INK_PIXELS, "ink") > 200  # strokes were drawn
+    points = page.evaluate("window.__points")
+    assert points[-1] == 120 and len(set(points)) >= 5, points
+    assert all(a <= b for a, b in zip(points, points[1:]))
+    assert page.evaluate(INK_PIXELS, "traces") > 500
+    assert page.is_hidden("#trace-note")  # a HyperLSTM: the intensities are not all zero
+    if os.environ.get("HYPERNETWORKS_SCREENSHOT_DIR"):  # for looking at the page while working on it
+        page.screenshot(path=str(Path(os.environ["HYPERNETWORKS_SCREENSHOT_DIR"]) / "serve-handwriting.png"), full_page=True)
+    _done(page)

@@ -1,0 +1,367 @@
+"""HyperLSTM / LSTM / HyperRNN: the paper's equations, nn.LSTM's contract, gradients, errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.utils.rnn import pack_sequence, pad_packed_sequence
+
+from hypernetworks import (LSTM, HyperLSTM, HyperLSTMCell, HyperRNN, HyperRNNCell, LSTMCell,
+                           build_recurrent, gate_change_intensity)
+from reference import (ref_hyper_lstm_step, ref_hyper_rnn_step, ref_layers, ref_lstm_step,
+                       torch_lstm_weights_to_igfo)
+
+I, H, HH, NZ = 5, 7, 6, 3
+
+
+def perturb_(module: nn.Module, scale: float = 0.3) -> nn.Module:
+    """Move every parameter off its (often symmetric) initial value so tests see all paths."""
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return module
+
+
+def make(kind: str, num_layers=1, **kw):
+    torch.manual_seed(0)
+    if kind == "hyper":
+        return HyperLSTM(I, H, num_layers=num_layers, hyper_size=HH, embedding_size=NZ, **kw)
+    return LSTM(I, H, num_layers=num_layers, **kw)
+
+
+# ---------------------------------------------------------------- equations vs reference
+@pytest.mark.parametrize("layer_norm", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_hyper_cell_matches_literal_equations(layer_norm, bias):
+    torch.manual_seed(1)
+    cell = perturb_(HyperLSTMCell(I, H, hyper_size=HH, embedding_size=NZ, bias=bias, layer_norm=layer_norm)).double()
+    x = torch.randn(4, I, dtype=torch.double)
+    state = tuple(torch.randn(4, n, dtype=torch.double) for n in (H, H, HH, HH))
+    got = cell(x, state)
+    want = ref_hyper_lstm_step(cell, x, *state)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("layer_norm", [False, True])
+@pytest.mark.parametrize("kind", ["hyper", "lstm"])
+def test_layer_matches_reference_over_time(kind, layer_norm):
+    m = perturb_(make(kind, num_layers=2, layer_norm=layer_norm)).double().eval()
+    x = torch.randn(6, 3, I, dtype=torch.double)
+    out, state = m(x)
+    ref_out, ref_state = ref_layers(m, x, hyper=kind == "hyper")
+    torch.testing.assert_close(out, ref_out)
+    for g, w in zip(state, ref_state):
+        torch.testing.assert_close(g, w)
+
+
+def test_lstm_cell_matches_literal_equations():
+    torch.manual_seed(2)
+    cell = perturb_(LSTMCell(I, H, layer_norm=True)).double()
+    x, h, c = torch.randn(3, I).double(), torch.randn(3, H).double(), torch.randn(3, H).double()
+    for g, w in zip(cell(x, (h, c)), ref_lstm_step(cell, x, h, c)):
+        torch.testing.assert_close(g, w)
+
+
+def test_hyper_rnn_cell_matches_literal_equations():
+    torch.manual_seed(3)
+    cell = perturb_(HyperRNNCell(I, H, hyper_size=HH, embedding_size=NZ)).double()
+    x, h, hh = torch.randn(3, I).double(), torch.randn(3, H).double(), torch.randn(3, HH).double()
+    for g, w in zip(cell(x, (h, hh)), ref_hyper_rnn_step(cell, x, h, hh)):
+        torch.testing.assert_close(g, w)
+    out, (h_n, hh_n) = HyperRNN(I, H, num_layers=2, hyper_size=HH)(torch.randn(4, 2, I))
+    assert out.shape == (4, 2, H) and h_n.shape == (2, 2, H) and hh_n.shape == (2, 2, HH)
+
+
+# ---------------------------------------------------------------- initialisation (PAPER.md)
+def test_initialisation_follows_the_paper():
+    m = HyperLSTM(I, H, hyper_size=HH, embedding_size=NZ)
+    _, _, act = m.forward_with_activity(torch.randn(5, 2, I))
+    a = act[0]
+    # z_h = z_x = 1 and W_hd = W_xd = 0.1 / N_z, so every scaling vector starts at exactly 0.1
+    torch.testing.assert_close(a["d_h"], torch.full_like(a["d_h"], 0.1))
+    torch.testing.assert_close(a["d_x"], torch.full_like(a["d_x"], 0.1))
+    # W_bd = 0: the dynamic bias starts at b_0, which is the forget bias +1 and 0 elsewhere
+    expected_bias = torch.zeros(4, H)
+    expected_bias[2] = 1.0
+    torch.testing.assert_close(a["bias"], expected_bias.expand_as(a["bias"]))
+    w = m.cells[0].weight_hh
+    for block in w.chunk(4, 0):  # orthogonal per gate
+        torch.testing.assert_close(block @ block.T, torch.eye(H), atol=1e-5, rtol=0)
+    assert m.cells[0].scaling.z_weight[2 * 4 * NZ:].abs().sum() > 0  # W_bz ~ N(0, 0.01)
+
+
+def test_layer_norm_keeps_forget_bias_after_the_norm():
+    cell = HyperLSTMCell(I, H, hyper_size=HH, embedding_size=NZ, layer_norm=True)
+    assert torch.equal(cell.gate_norm.bias[2], torch.ones(H))
+    assert torch.equal(cell.hyper.gate_norm.bias[2], torch.ones(HH))
+
+
+# ---------------------------------------------------------------- nn.LSTM equivalences
+def neutralise_(cell: HyperLSTMCell, lstm_cell: nn.LSTMCell) -> None:
+    """Set d_h = d_x = 1 and b(z) = b_0 and copy nn.LSTMCell's weights in."""
+    s = cell.scaling
+    with torch.no_grad():
+        s.z_weight.zero_()
+        s.z_bias.fill_(1.0)
+        s.d_weight[:2].fill_(1.0 / cell.embedding_size)
+        s.d_weight[2].zero_()
+        s.bias.copy_(torch_lstm_weights_to_igfo(lstm_cell.bias_ih + lstm_cell.bias_hh))
+        cell.weight_ih.copy_(torch_lstm_weights_to_igfo(lstm_cell.weight_ih))
+        cell.weight_hh.copy_(torch_lstm_weights_to_igfo(lstm_cell.weight_hh))
+
+
+def test_neutral_modulation_equals_torch_lstm_cell():
+    torch.manual_seed(4)
+    ref = nn.LSTMCell(I, H).double()
+    cell = perturb_(HyperLSTMCell(I, H, hyper_size=HH, embedding_size=NZ)).double()
+    neutralise_(cell, ref)
+    x = torch.randn(6, 3, I, dtype=torch.double)
+    state, ref_state = None, None
+    for t in range(6):  # the hyper LSTM keeps running, but it no longer changes anything
+        state = cell(x[t], state)
+        ref_state = ref(x[t], ref_state)
+        torch.testing.assert_close(state[0], ref_state[0])
+        torch.testing.assert_close(state[1], ref_state[1])
+
+
+def test_neutral_hyper_layer_equals_torch_lstm_multilayer():
+    torch.manual_seed(5)
+    ref = nn.LSTM(I, H, num_layers=2).double()
+    m = perturb_(HyperLSTM(I, H, num_layers=2, hyper_size=HH, embedding_size=NZ)).double()
+    for k, cell in enumerate(m.cells):
+        tmp = nn.LSTMCell(cell.input_size, H).double()
+        with torch.no_grad():
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                getattr(tmp, name).copy_(getattr(ref, f"{name}_l{k}"))
+        neutralise_(cell, tmp)
+    x = torch.randn(5, 2, I, dtype=torch.double)
+    out, (h, c, _, _) = m(x)
+    ref_out, (ref_h, ref_c) = ref(x)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(h, ref_h)
+    torch.testing.assert_close(c, ref_c)
+
+
+def test_our_lstm_equals_torch_lstm_given_the_same_weights():
+    torch.manual_seed(6)
+    ref = nn.LSTM(I, H, num_layers=2, batch_first=True).double()
+    m = LSTM(I, H, num_layers=2, batch_first=True).double()
+    with torch.no_grad():
+        for k, cell in enumerate(m.cells):
+            cell.weight_ih.copy_(torch_lstm_weights_to_igfo(getattr(ref, f"weight_ih_l{k}")))
+            cell.weight_hh.copy_(torch_lstm_weights_to_igfo(getattr(ref, f"weight_hh_l{k}")))
+            cell.bias.copy_(torch_lstm_weights_to_igfo(getattr(ref, f"bias_ih_l{k}") + getattr(ref, f"bias_hh_l{k}")))
+    x = torch.randn(3, 6, I, dtype=torch.double)
+    h0, c0 = torch.randn(2, 3, H, dtype=torch.double), torch.randn(2, 3, H, dtype=torch.double)
+    out, (h, c) = m(x, (h0, c0))
+    ref_out, (ref_h, ref_c) = ref(x, (h0, c0))
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(h, ref_h)
+    torch.testing.assert_close(c, ref_c)
+
+
+# ---------------------------------------------------------------- input forms and shapes
+@pytest.mark.parametrize("kind", ["hyper", "lstm"])
+def test_shapes_for_every_input_form(kind):
+    m = make(kind, num_layers=2)
+    n_state = 4 if kind == "hyper" else 2
+    sizes = [H, H, HH, HH][:n_state]
+    out, state = m(torch.randn(7, 3, I))
+    assert out.shape == (7, 3, H)
+    assert [tuple(s.shape) for s in state] == [(2, 3, n) for n in sizes]
+    out, _ = m(torch.randn(7, I))  # unbatched
+    assert out.shape == (7, H)
+    m.batch_first = True
+    out, state = m(torch.randn(3, 7, I))
+    assert out.shape == (3, 7, H) and state[0].shape == (2, 3, H)
+    m.batch_first = False
+    _, state = m(torch.randn(7, I))
+    assert [tuple(s.shape) for s in state] == [(2, n) for n in sizes]
+
+
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+@pytest.mark.parametrize("kind", ["hyper", "lstm"])
+def test_packed_sequence_equals_per_sequence_runs(kind, enforce_sorted):
+    m = perturb_(make(kind, num_layers=2)).double().eval()
+    lengths = [6, 4, 1] if enforce_sorted else [3, 6, 1, 4]
+    seqs = [torch.randn(n, I, dtype=torch.double) for n in lengths]
+    packed = pack_sequence(seqs, enforce_sorted=enforce_sorted)
+    out, state = m(packed)
+    assert torch.equal(out.batch_sizes, packed.batch_sizes)
+    padded, out_lengths = pad_packed_sequence(out)
+    assert out_lengths.tolist() == lengths
+    for b, seq in enumerate(seqs):
+        single_out, single_state = m(seq.unsqueeze(1))
+        torch.testing.assert_close(padded[: len(seq), b], single_out[:, 0])
+        for s, ss in zip(state, single_state):
+            torch.testing.assert_close(s[:, b], ss[:, 0])
+
+
+@pytest.mark.parametrize("kind", ["hyper", "lstm"])
+def test_state_carried_across_calls_equals_one_call(kind):
+    m = perturb_(make(kind, num_layers=2, layer_norm=True)).double().eval()
+    x = torch.randn(9, 2, I, dtype=torch.double)
+    full_out, full_state = m(x)
+    out1, state = m(x[:4])
+    out2, state = m(x[4:], state)
+    torch.testing.assert_close(torch.cat([out1, out2]), full_out)
+    for a, b in zip(state, full_state):
+        torch.testing.assert_close(a, b)
+
+
+def test_accepts_nn_lstm_state_and_runs_truncated_bptt_code_unchanged():
+    """Code written for nn.LSTM: carry the state, detach it recursively, keep training."""
+
+    def repackage_hidden(h):
+        return h.detach() if isinstance(h, torch.Tensor) else tuple(repackage_hidden(v) for v in h)
+
+    torch.manual_seed(7)
+    for rnn in (nn.LSTM(I, H, 2), make("hyper", num_layers=2), make("lstm", num_layers=2)):
+        head = nn.Linear(H, I)
+        opt = torch.optim.SGD([*rnn.parameters(), *head.parameters()], lr=0.1)
+        data = torch.randn(12, 2, I)
+        hidden = (torch.zeros(2, 2, H), torch.zeros(2, 2, H))  # nn.LSTM's (h0, c0)
+        for start in range(0, 12, 4):
+            hidden = repackage_hidden(hidden)
+            out, hidden = rnn(data[start:start + 4], hidden)
+            loss = (head(out) - data[start:start + 4]).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert torch.isfinite(loss)
+
+
+# ---------------------------------------------------------------- gradients
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_gradcheck_hyper_cell(layer_norm):
+    torch.manual_seed(8)
+    cell = perturb_(HyperLSTMCell(3, 4, hyper_size=3, embedding_size=2, layer_norm=layer_norm)).double()
+    x = torch.randn(2, 3, dtype=torch.double, requires_grad=True)
+    state = tuple(torch.randn(2, n, dtype=torch.double, requires_grad=True) for n in (4, 4, 3, 3))
+    params = list(cell.parameters())
+    assert torch.autograd.gradcheck(lambda x, *s_p: cell(x, s_p[:4]), (x, *state, *params))
+    assert torch.autograd.gradcheck(lambda x, *s_p: cell(x, s_p[:4]), (x, *state, *params), fast_mode=True)
+
+
+@pytest.mark.parametrize("layer_norm", [False, True])
+@pytest.mark.parametrize("kind", ["hyper", "lstm"])
+def test_gradcheck_layer(kind, layer_norm):
+    torch.manual_seed(9)
+    if kind == "hyper":
+        m = HyperLSTM(3, 4, num_layers=2, hyper_size=3, embedding_size=2, layer_norm=layer_norm)
+    else:
+        m = LSTM(3, 4, num_layers=2, layer_norm=layer_norm)
+    m = perturb_(m).double()
+    x = torch.randn(4, 2, 3, dtype=torch.double, requires_grad=True)
+    names, params = zip(*m.named_parameters())
+
+    def fn(x, *ps):
+        out, state = torch.func.functional_call(m, dict(zip(names, ps)), (x,))
+        return out, *state
+
+    # fast_mode checks a random projection of the full Jacobian: every parameter still counts
+    assert torch.autograd.gradcheck(fn, (x, *params), fast_mode=True)
+
+
+def test_gradients_reach_every_parameter():
+    # Off the initial point: at the paper's init W_hz = W_xz = W_bd = 0, so the hyper LSTM's own
+    # weights get exactly zero gradient until the first update moves those.
+    m = perturb_(make("hyper", layer_norm=True))
+    out, state = m(torch.randn(5, 2, I))
+    (out.sum() + state[1].sum()).backward()
+    missing = [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing
+
+
+# ---------------------------------------------------------------- dropout and determinism
+def test_determinism_under_a_seed():
+    def run():
+        torch.manual_seed(11)
+        m = HyperLSTM(I, H, num_layers=2, dropout=0.3, recurrent_dropout=0.3, hyper_size=HH).train()
+        torch.manual_seed(12)
+        out, _ = m(torch.randn(6, 2, I))
+        out.sum().backward()
+        return out.detach(), m.cells[0].weight_hh.grad.clone()
+
+    (o1, g1), (o2, g2) = run(), run()
+    assert torch.equal(o1, o2) and torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("kind", ["hyper", "lstm"])
+def test_dropout_is_off_in_eval_mode(kind):
+    noisy = make(kind, num_layers=2, dropout=0.5, recurrent_dropout=0.5)
+    clean = make(kind, num_layers=2)
+    clean.load_state_dict(noisy.state_dict())
+    x = torch.randn(6, 2, I)
+    noisy.train()
+    a, _ = noisy(x)
+    b, _ = noisy(x)
+    assert not torch.equal(a, b)  # dropout is really active in training mode
+    noisy.eval()
+    clean.eval()
+    torch.testing.assert_close(noisy(x)[0], clean(x)[0])
+    torch.testing.assert_close(noisy(x)[0], noisy(x)[0])
+
+
+# ---------------------------------------------------------------- activity for pictures
+def test_activity_matches_forward_and_intensity_measures_change():
+    m = perturb_(make("hyper", num_layers=2)).eval()
+    x = torch.randn(6, 3, I)
+    out, state = m(x)
+    out2, state2, activity = m.forward_with_activity(x)
+    torch.testing.assert_close(out, out2)
+    assert len(activity) == 2
+    assert activity[0]["d_h"].shape == (6, 3, 4, H) and activity[0]["h_hat"].shape == (6, 3, HH)
+    inten = gate_change_intensity(activity[0]["d_h"])
+    assert inten.shape == (6, 3, 4)
+    assert torch.all(inten[0] == 0) and torch.all(inten[1:] > 0)
+    d = activity[0]["d_h"]
+    torch.testing.assert_close(inten[3, 1, 2], (d[3, 1, 2] - d[2, 1, 2]).norm())
+    _, _, lstm_act = make("lstm").forward_with_activity(x)
+    assert "d_h" not in lstm_act[0]
+
+
+def test_build_recurrent_selects_the_cell():
+    assert isinstance(build_recurrent("lstm", I, H), LSTM)
+    ln = build_recurrent("ln-hyperlstm", I, H, hyper_size=HH, embedding_size=NZ)
+    assert isinstance(ln, HyperLSTM) and ln.cells[0].gate_norm is not None
+    with pytest.raises(ValueError, match="cell"):
+        build_recurrent("gru", I, H)
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(input_size=0, hidden_size=H), "input_size"),
+    (dict(input_size=I, hidden_size=-1), "hidden_size"),
+    (dict(input_size=I, hidden_size=H, num_layers=0), "num_layers"),
+    (dict(input_size=I, hidden_size=H, hyper_size=0), "hyper_size"),
+    (dict(input_size=I, hidden_size=H, embedding_size=0), "embedding_size"),
+    (dict(input_size=I, hidden_size=H, dropout=1.0), "dropout"),
+    (dict(input_size=I, hidden_size=H, dropout=-0.1), "dropout"),
+    (dict(input_size=I, hidden_size=H, recurrent_dropout=1.5), "recurrent_dropout"),
+])
+def test_bad_constructor_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        HyperLSTM(**kwargs)
+
+
+@pytest.mark.parametrize("kind", ["hyper", "lstm"])
+def test_bad_forward_input_is_refused_not_broadcast(kind):
+    m = make(kind, num_layers=2)
+    with pytest.raises(ValueError, match="input"):
+        m(torch.randn(2, 3, 4, I))  # wrong rank
+    with pytest.raises(ValueError, match="input_size"):
+        m(torch.randn(6, 3, I + 1))  # wrong feature size
+    with pytest.raises(ValueError, match=r"hx\[0\]"):
+        m(torch.randn(6, 3, I), (torch.zeros(2, 1, H), torch.zeros(2, 1, H)))  # batch 1 would broadcast
+    with pytest.raises(ValueError, match=r"hx\[1\]"):
+        m(torch.randn(6, 3, I), (torch.zeros(2, 3, H), torch.zeros(1, 3, H)))
+    with pytest.raises(ValueError, match="hx"):
+        m(torch.randn(6, 3, I), torch.zeros(2, 3, H))  # a bare tensor is not a state
+    cell = HyperLSTMCell(I, H, hyper_size=HH)
+    with pytest.raises(ValueError, match="input_size"):
+        cell(torch.randn(3, I + 2))
+    with pytest.raises(ValueError, match=r"hx\[2\]"):
+        cell(torch.randn(3, I), (torch.zeros(3, H), torch.zeros(3, H), torch.zeros(3, HH + 1), torch.zeros(3, HH)))

@@ -6,6 +6,7 @@ tests with real checkpoints are in test_serve_browser.py and at the end of this 
 from __future__ import annotations
 
 import http.client
+import os
 import json
 import threading
 from pathlib import Path
@@ -213,6 +214,39 @@ def test_duplicate_names_get_distinct_ids(tmp_path):
         _ckpt(tmp_path / d / "last.ckpt", "x.Y")
     entries = srv.find_checkpoints([tmp_path / "a" / "last.ckpt", tmp_path / "b" / "last.ckpt", tmp_path / "a" / "last.ckpt"])
     assert [e.id for e in entries] == ["last.ckpt", "last.ckpt (2)"]
+
+
+def test_rescans_and_reloads_while_training(tmp_path):
+    """Serving runs/ during training: new checkpoints appear, deleted ones give 404, rewritten ones reload."""
+    run = tmp_path / "run"
+    run.mkdir()
+    first = _ckpt(run / "best-step=1.ckpt", "hypernetworks.tasks.language_model.LanguageModelTask")
+    loads: list[Path] = []
+    server = srv.make_server([tmp_path], port=0, loader=lambda p: loads.append(p) or FakeTextTask())
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    try:
+        body = {"checkpoint": "run/best-step=1.ckpt", "length": 3}
+        assert request(server, "POST", "/api/generate", body)[0] == 200
+        assert request(server, "POST", "/api/generate", body)[0] == 200
+        assert len(loads) == 1
+        os.utime(first, (first.stat().st_atime, first.stat().st_mtime + 5))  # rewritten by the trainer
+        assert request(server, "POST", "/api/generate", body)[0] == 200
+        assert len(loads) == 2
+        _ckpt(run / "best-step=2.ckpt", "hypernetworks.tasks.language_model.LanguageModelTask")
+        first.unlink()
+        _, listing = request(server, "GET", "/api/checkpoints")
+        assert [c["id"] for c in listing["checkpoints"]] == ["run/best-step=2.ckpt"]
+        status, data = request(server, "POST", "/api/generate", body)
+        assert status == 404 and "unknown checkpoint" in data["error"]
+        (run / "best-step=2.ckpt").unlink()  # deleted after the last listing
+        status, data = request(server, "POST", "/api/generate", {**body, "checkpoint": "run/best-step=2.ckpt"})
+        assert status == 404 and "no longer exists" in data["error"]
+        # A new file is found even without listing first.
+        _ckpt(run / "best-step=3.ckpt", "hypernetworks.tasks.language_model.LanguageModelTask")
+        assert request(server, "POST", "/api/generate", {**body, "checkpoint": "run/best-step=3.ckpt"})[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_directories_skip_models_without_a_demo(tmp_path):

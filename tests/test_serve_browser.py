@@ -165,6 +165,9 @@ def test_text_page_and_error_messages(browser, text_server):
     page.click("#generate")
     page.wait_for_function("document.getElementById('message').textContent.includes('unknown checkpoint')", timeout=15000)
     assert page.is_visible("#message.error")
+    # ... after which the page fetches the current list again.
+    page.wait_for_function("!document.querySelector('#checkpoint option[value=\"gone.ckpt\"]')", timeout=15000)
+    assert "unknown checkpoint" in page.text_content("#message")
 
     # Recovers: a good request clears the message.
     page.select_option("#checkpoint", ckpt)

@@ -188,21 +188,38 @@ class DemoApp:
         loader: Callable[[Path], Any] | None = None,
         max_length: int = 2000,
         cache_size: int = 4,
+        sources: list[str | Path] | None = None,
     ):
+        """``sources``: the files/directories the list came from; when given, the list is rescanned
+        on each listing (and for an unknown id), so runs that are still training show up."""
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         if cache_size < 1:
             raise ValueError(f"cache_size must be >= 1, got {cache_size}")
         self.checkpoints = {c.id: c for c in checkpoints}
+        self.sources = list(sources or [])
         self.loader = loader or _default_loader
         self.max_length = max_length
         self.cache_size = cache_size
-        self._cache: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        # id -> (path, mtime, task): a checkpoint rewritten by a training run is loaded again.
+        self._cache: collections.OrderedDict[str, tuple[Path, float, Any]] = collections.OrderedDict()
         # One generation at a time: tasks seed global RNGs and share CPU threads.
         self._lock = threading.Lock()
 
     # --- API -----------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Rescan the sources: new checkpoints appear, deleted ones go (ids are relative paths, so stable)."""
+        if not self.sources:
+            return
+        present = [src for src in self.sources if Path(src).expanduser().exists()]
+        try:
+            entries = find_checkpoints(present) if present else []
+        except ValueError:
+            entries = []
+        self.checkpoints = {c.id: c for c in entries}  # one assignment: readers see old or new
+
     def list_checkpoints(self) -> dict:
+        self.refresh()
         return {
             "checkpoints": [{"id": c.id, "name": c.id, "kind": c.kind} for c in self.checkpoints.values()],
             "limits": {
@@ -226,6 +243,8 @@ class DemoApp:
         ckpt = req.get("checkpoint")
         if not isinstance(ckpt, str) or not ckpt:
             raise RequestError(400, "checkpoint must be a non-empty string (one of GET /api/checkpoints)")
+        if ckpt not in self.checkpoints:
+            self.refresh()
         if ckpt not in self.checkpoints:
             raise RequestError(404, f"unknown checkpoint {ckpt!r}")
         length = req.get("length", 200)
@@ -257,10 +276,18 @@ class DemoApp:
 
     def task(self, ckpt_id: str):
         """The loaded task for a checkpoint id (LRU cache); call with self._lock held."""
-        if ckpt_id in self._cache:
+        entry = self.checkpoints.get(ckpt_id)
+        if entry is None:  # removed by a rescan since the request was checked
+            raise RequestError(404, f"unknown checkpoint {ckpt_id!r}")
+        try:
+            mtime = entry.path.stat().st_mtime
+        except OSError:
+            self._cache.pop(ckpt_id, None)
+            raise RequestError(404, f"checkpoint {ckpt_id!r} no longer exists ({entry.path})") from None
+        cached = self._cache.get(ckpt_id)
+        if cached is not None and cached[:2] == (entry.path, mtime):
             self._cache.move_to_end(ckpt_id)
-            return self._cache[ckpt_id]
-        entry = self.checkpoints[ckpt_id]
+            return cached[2]
         try:
             task = self.loader(entry.path)
         except Exception as e:
@@ -270,7 +297,8 @@ class DemoApp:
             raise RequestError(400, f"checkpoint {ckpt_id!r} ({type(task).__name__}) has no demo_generate: not a text or handwriting model")
         if hasattr(task, "eval"):
             task.eval()
-        self._cache[ckpt_id] = task
+        self._cache[ckpt_id] = (entry.path, mtime, task)
+        self._cache.move_to_end(ckpt_id)
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return task
@@ -295,7 +323,8 @@ class DemoApp:
             raise RequestError(500, "demo_generate must return a dict with kind 'text' or 'strokes'")
         if not isinstance(result.get("steps"), list) or not isinstance(result.get("intensity"), list):
             raise RequestError(500, "demo_generate must return lists 'steps' and 'intensity'")
-        self.checkpoints[ckpt_id].kind = result["kind"]
+        if ckpt_id in self.checkpoints:
+            self.checkpoints[ckpt_id].kind = result["kind"]
         result["checkpoint"] = ckpt_id
         return _finite(result)
 
@@ -419,10 +448,13 @@ def make_server(
     max_length: int = 2000,
 ) -> ThreadingHTTPServer:
     """Build (and bind) the demo server; ``server.app`` is its DemoApp. Port 0 picks a free port."""
-    entries = checkpoints if checkpoints and isinstance(checkpoints[0], CheckpointEntry) else find_checkpoints(checkpoints)  # type: ignore[arg-type]
-    if not entries:
+    if not checkpoints:
         raise ValueError("checkpoints: need at least one checkpoint file or directory")
-    app = DemoApp(entries, loader=loader, max_length=max_length)  # type: ignore[arg-type]
+    if isinstance(checkpoints[0], CheckpointEntry):
+        entries, sources = list(checkpoints), None
+    else:
+        entries, sources = find_checkpoints(checkpoints), list(checkpoints)  # type: ignore[arg-type]
+    app = DemoApp(entries, loader=loader, max_length=max_length, sources=sources)  # type: ignore[arg-type]
     handler = type("BoundDemoHandler", (DemoHandler,), {"app": app})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True

@@ -17,7 +17,7 @@
     traces: $("traces"), traceNote: $("trace-note"), legend: $("legend"),
   };
 
-  let kinds = {};        // checkpoint id -> "text" | "strokes" | "unknown"
+  let kinds = new Map();      // checkpoint id -> "text" | "strokes" | "unknown"
   let anim = null;       // the replay in progress
   let busy = false;
 
@@ -46,7 +46,11 @@
     }
     let data = null;
     try { data = await resp.json(); } catch (err) { /* reported below */ }
-    if (!resp.ok) throw new Error((data && data.error) || `server error ${resp.status} ${resp.statusText}`);
+    if (!resp.ok) {
+      const err = new Error((data && data.error) || `server error ${resp.status} ${resp.statusText}`);
+      err.status = resp.status;
+      throw err;
+    }
     if (data === null) throw new Error("the server sent a reply that is not JSON");
     return data;
   }
@@ -54,15 +58,18 @@
   async function loadCheckpoints() {
     try {
       const data = await api("/api/checkpoints");
+      const previous = els.checkpoint.value;
       els.checkpoint.innerHTML = "";
+      kinds = new Map();
       for (const c of data.checkpoints) {
-        kinds[c.id] = c.kind;
+        kinds.set(c.id, c.kind);
         const opt = document.createElement("option");
         opt.value = c.id;
         const label = c.kind === "strokes" ? "handwriting" : c.kind === "text" ? "text" : "?";
         opt.textContent = `${c.name}  [${label}]`;
         els.checkpoint.appendChild(opt);
       }
+      if (kinds.has(previous)) els.checkpoint.value = previous;
       if (data.limits && data.limits.length) els.length.max = data.limits.length[1];
       els.checkpoint.disabled = false;
       els.generate.disabled = data.checkpoints.length === 0;
@@ -76,7 +83,7 @@
 
   function updateKindControls() {
     // Handwriting models are unconditional here: the prime box only applies to text.
-    els.primeLabel.hidden = kinds[els.checkpoint.value] === "strokes";
+    els.primeLabel.hidden = kinds.get(els.checkpoint.value) === "strokes";
   }
 
   // A number field holding something that is not a number is sent as typed, so the
@@ -106,12 +113,14 @@
     els.progress.textContent = "asking the model…";
     try {
       const result = await api("/api/generate", req);
-      kinds[req.checkpoint] = result.kind;
+      kinds.set(req.checkpoint, result.kind);
       startAnimation(result, req);
     } catch (err) {
       setState("error");
       els.progress.textContent = "";
       showMessage("Error: " + err.message, true);
+      // The checkpoint went away (a training run replaced it, say): offer the current list.
+      if (err.status === 404) await loadCheckpoints();
     } finally {
       busy = false;
       els.generate.disabled = false;

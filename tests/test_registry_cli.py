@@ -1,0 +1,59 @@
+"""The model registry and the command-line dispatcher."""
+from __future__ import annotations
+
+import pytest
+import torch.nn as nn
+
+import hypernetworks
+from hypernetworks import cli, create_model, list_models, register_model
+
+REQUIRED = ["mnist-conv", "mnist-hyper", "wrn-40-1", "wrn-40-2", "hyper-wrn-40-1", "hyper-wrn-40-2",
+            "ptb-lstm-1000", "ptb-hyperlstm", "ptb-ln-hyperlstm", "enwik8-ln-hyperlstm-2048"]
+
+
+def test_required_models_are_registered_and_filterable():
+    names = list_models()
+    assert names == sorted(names)
+    missing = [n for n in REQUIRED if n not in names]
+    assert not missing, missing
+    assert set(list_models("*wrn*")) >= {"wrn-40-1", "hyper-wrn-40-2"}
+    assert all("wrn" in n for n in list_models("*wrn*"))
+
+
+def test_create_model_passes_overrides_and_rejects_unknown_names():
+    small = create_model("mnist-hyper")
+    assert isinstance(small, nn.Module)
+    with pytest.raises(ValueError, match="unknown model 'no-such-model'"):
+        create_model("no-such-model")
+
+
+def test_registering_a_name_twice_is_refused():
+    @register_model("test-only-model")
+    def factory(**kw):
+        return nn.Linear(1, 1)
+
+    assert isinstance(create_model("test-only-model"), nn.Linear)
+    with pytest.raises(ValueError, match="registered twice"):
+        register_model("test-only-model")(lambda **kw: nn.Linear(2, 2))
+
+
+def test_top_level_exports():
+    for name in ("HyperLSTM", "HyperLSTMCell", "LSTM", "HyperRNNCell", "create_model", "list_models"):
+        assert hasattr(hypernetworks, name), name
+
+
+def test_cli_usage_and_unknown_command(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "fit" in out and "demo" in out and "serve" in out
+    assert cli.main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
+    assert cli.main([]) == 2
+
+
+def test_every_listed_command_module_has_a_main():
+    import importlib
+
+    for name, (module, _) in cli.COMMANDS.items():
+        mod = importlib.import_module(module)
+        assert callable(getattr(mod, "main", None)), f"{name}: {module}.main missing"

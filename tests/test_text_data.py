@@ -71,7 +71,7 @@ def test_windowed_evaluation_with_carried_state_equals_one_pass():
 def test_stream_batches_resume_position():
     sb = StreamBatches(torch.arange(500), 5, 10)
     it = iter(sb)
-    for _ in range(4):  # Lightning has trained on 3 windows and prefetched the 4th
+    for _ in range(3):  # three windows handed out (and trained on)
         next(it)
     state = sb.state_dict()
     assert state == {"next_window": 3}

@@ -222,25 +222,22 @@ class StreamBatches:
             self.targets[j, :m] = data[s + 1:s + m + 1]
         self._start = 0  # window to start from (set by load_state_dict)
         self._yielded = 0
-        self._exhausted = False
 
     def __len__(self) -> int:
         return math.ceil(self.stream_len / self.seq_len)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         start, self._start = self._start, 0
-        self._yielded, self._exhausted = start, False
+        self._yielded = start
         for k in range(start, len(self)):
             sl = slice(k * self.seq_len, (k + 1) * self.seq_len)
             self._yielded = k + 1
             yield self.inputs[:, sl].long(), self.targets[:, sl].long(), k
-        self._exhausted = True
 
-    # Lightning fetches one batch ahead of the step being trained, so mid-epoch the last window
-    # handed out has not been trained on yet when a checkpoint is written.
+    # Lightning does not prefetch from a loader with a length, so every window handed out has
+    # been trained on when a checkpoint is written.
     def state_dict(self) -> dict:
-        consumed = self._yielded if self._exhausted else max(0, self._yielded - 1)
-        return {"next_window": consumed % max(1, len(self))}
+        return {"next_window": self._yielded % max(1, len(self))}
 
     def load_state_dict(self, state: dict) -> None:
         self._start = int(state.get("next_window", 0))

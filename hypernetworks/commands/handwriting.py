@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
                                          seed=args.seed + k, activity=args.gates)
         if args.gates and intensity is None:
             print(f"note: {task.hparams.model} is not a HyperLSTM; drawing without gate colours")
-        title = f"{task.hparams.model} seed {args.seed + k}"
+        rnn = task.model.rnn
+        title = f"{task.model.cell} {rnn.num_layers}x{rnn.hidden_size}, bias {args.bias}, seed {args.seed + k}"
         with torch.no_grad():
             if args.format in ("svg", "both"):
                 print(save_svg(steps, f"{args.out}-{k}.svg", intensity, title=title))

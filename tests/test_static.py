@@ -221,3 +221,18 @@ def test_params_command_prints_every_model(capsys):
     out = capsys.readouterr().out
     assert "0.564M" in out and "2.244M" in out
     assert params_cmd.main(["no-such-model*"]) == 1
+
+
+def test_kernel_mosaic_layout():
+    import numpy as np
+
+    from hypernetworks.viz.kernels import kernel_mosaic
+
+    w = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2)
+    img = kernel_mosaic(w)
+    assert img.shape == (2 * 3 - 1, 3 * 3 - 1)  # 1-pixel gaps between cells
+    np.testing.assert_array_equal(img[3:5, 6:8], w[1, 2].numpy())  # row = output, column = input
+    assert np.isnan(img[2]).all() and np.isnan(img[:, 2]).all()
+    assert kernel_mosaic(w, max_out=1, max_in=2).shape == (2, 5)
+    with pytest.raises(ValueError, match="out, in, f, f"):
+        kernel_mosaic(torch.zeros(3, 3))

@@ -64,8 +64,8 @@ def sample_mdn(p: MDNParams, bias: float = 0.0, temperature: float = 1.0,
         raise ValueError(f"temperature must be > 0, got {temperature}")
     logits = p.logit_pi * (1 + bias) / temperature
     k = torch.multinomial(F.softmax(logits, -1), 1, generator=generator).squeeze(-1)  # (B,)
-    pick = lambda t: t.gather(1, k.view(-1, *([1] * (t.dim() - 1))).expand(-1, 1, *t.shape[2:])).squeeze(1)  # noqa: E731
-    mu, log_sigma, rho = pick(p.mu), pick(p.log_sigma), pick(p.rho)
+    rows = torch.arange(len(k), device=k.device)
+    mu, log_sigma, rho = p.mu[rows, k], p.log_sigma[rows, k], p.rho[rows, k]  # the chosen component
     sigma = torch.exp(log_sigma - bias) * math.sqrt(temperature)
     e = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
     dx = mu[:, 0] + sigma[:, 0] * e[:, 0]

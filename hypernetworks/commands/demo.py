@@ -51,7 +51,7 @@ def _train(cell: str, args, run_dir: Path):
     task = LanguageModelTask(cell=cell, hidden_size=args.hidden_size, hyper_size=args.hyper_size,
                              embedding_size=args.embedding_size, lr=args.lr, vocab=list(dm.vocab.symbols))
     trainer = make_trainer(
-        run_dir / cell, LanguageModelTask, max_steps=args.steps, val_check_interval=args.steps,
+        run_dir / cell, LanguageModelTask, max_steps=args.steps, val_check_interval=args.steps, check_val_every_n_epoch=None,
         num_sanity_val_steps=0, gradient_clip_val=1.0, accelerator="cpu", devices=1,
         enable_progress_bar=not args.no_progress, enable_model_summary=False,
         limit_val_batches=3 if args.quick else 1.0, log_every_n_steps=max(1, min(50, args.steps // 4)))

@@ -3,7 +3,7 @@ HyperLSTM changed the main LSTM's four hidden-to-gate scaling vectors d_h at tha
 
 One colour per gate (input i, candidate g, forget f, output o); each character cell is split into
 four horizontal bands, one per gate, whose opacity is that gate's change intensity at the step,
-normalised by the gate's largest value in the passage. Written as a self-contained HTML file
+normalised by the gate's 98th percentile over the passage (clipped to 1). Written as a self-contained HTML file
 (no external assets) and as a PNG through matplotlib.
 """
 from __future__ import annotations
@@ -16,11 +16,16 @@ GATES = ("input i", "candidate g", "forget f", "output o")
 COLOURS = ("#d62728", "#2ca02c", "#1f77b4", "#ff7f0e")
 
 
-def _normalise(intensity: Sequence[Sequence[float]]) -> list[list[float]]:
+def _normalise(intensity: Sequence[Sequence[float]], quantile: float = 0.98) -> list[list[float]]:
+    """Per gate, divide by the gate's ``quantile`` over the passage and clip to 1: a robust peak,
+    so that one large transient (e.g. the first step) does not wash out the rest."""
     if any(len(row) != 4 for row in intensity):
         raise ValueError("intensity must hold 4 values (i, g, f, o) per step")
-    peaks = [max((row[g] for row in intensity), default=0.0) for g in range(4)]
-    return [[(row[g] / peaks[g]) if peaks[g] > 0 else 0.0 for g in range(4)] for row in intensity]
+    peaks = []
+    for g in range(4):
+        vals = sorted(row[g] for row in intensity)
+        peaks.append(vals[min(len(vals) - 1, int(quantile * len(vals)))] if vals else 0.0)
+    return [[min(1.0, row[g] / peaks[g]) if peaks[g] > 0 else 0.0 for g in range(4)] for row in intensity]
 
 
 def _check(steps: Sequence[str], intensity: Sequence[Sequence[float]]) -> None:
@@ -60,7 +65,7 @@ body {{ font-family: sans-serif; margin: 2em; max-width: 60em; }}
 <h2>{html.escape(title)}</h2>
 <p>Each character is shaded by how much the hypernetwork changed the main LSTM's hidden-to-gate
 scaling vectors d<sub>h</sub> at that step (norm of d<sub>h</sub>[t] &minus; d<sub>h</sub>[t&minus;1]), one band per gate,
-normalised per gate over the passage.</p>
+normalised per gate by its 98th percentile over the passage.</p>
 <p>{legend}</p>{note}
 <div class="text">{''.join(cells)}</div>
 </body></html>
@@ -95,8 +100,9 @@ def render_activity_png(steps: Sequence[str], intensity: Sequence[Sequence[float
         pos.append((row, col))
         col += 1
     rows = row + 1
-    fig = plt.figure(figsize=(columns * 0.13 + 0.4, rows * 0.26 + 0.9), dpi=dpi)
-    ax = fig.add_axes([0.01, 0.01, 0.98, 1 - 0.7 / (rows * 0.26 + 0.9)])
+    height = rows * 0.26 + 0.45
+    fig = plt.figure(figsize=(columns * 0.13 + 0.4, height), dpi=dpi)
+    ax = fig.add_axes([0.01, 0.01, 0.98, 1 - 0.35 / height])
     ax.set_xlim(0, columns)
     ax.set_ylim(rows, 0)
     ax.axis("off")
@@ -110,8 +116,8 @@ def render_activity_png(steps: Sequence[str], intensity: Sequence[Sequence[float
         if ch.strip():
             ax.text(c + 0.5, r + 0.55, ch, ha="center", va="center", family="monospace", fontsize=8)
     handles = [Rectangle((0, 0), 1, 1, color=c) for c in COLOURS]
-    fig.legend(handles, GATES, loc="upper center", ncol=4, fontsize=8, frameon=False)
-    fig.suptitle(title, y=0.999, fontsize=9, va="top", x=0.01, ha="left")
+    fig.legend(handles, GATES, loc="upper right", ncol=4, fontsize=8, frameon=False)
+    fig.text(0.01, 0.995, title, fontsize=9, va="top", ha="left")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

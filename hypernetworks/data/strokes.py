@@ -233,6 +233,9 @@ def read_xml(root: str | Path, strict: bool = False, min_points: int = 2) -> Str
         raise StrokeDataError(f"{xml_dir}: none of {len(files)} XML files could be read ({malformed})")
     if malformed:
         log.warning("%s: %d malformed lineStrokes file(s) not read: %s", xml_dir, len(malformed), malformed)
+    untranscribed = sum(1 for t in texts if not t)
+    if untranscribed:  # harmless for unconditional generation, but say so
+        log.warning("%s: %d of %d lines have no transcription in ascii/", root, untranscribed, len(texts))
     strokes = np.concatenate(chunks)
     lines = StrokeLines(
         strokes=strokes,

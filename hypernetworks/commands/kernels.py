@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         chosen = [kernels[i] for i in _layer_selection(args.layers, len(kernels))]
     except ValueError as e:
         p.error(str(e))
-    name = getattr(getattr(task, "hparams", {}), "get", lambda *_: None)("model") or type(model).__name__
+    hparams = getattr(task, "hparams", None) or {}
+    name = hparams.get("model") or type(model).__name__
     kind = "generated" if generated else "conventional"
     out = save_kernel_grid(chosen, args.out, max_channels=args.max_channels or None,
                            title=f"{name}: {kind} kernels ({len(chosen)} of {len(kernels)} layers)")

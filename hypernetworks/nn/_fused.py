@@ -91,7 +91,8 @@ class _Saved:
         return self
 
 
-def _update_forward(t: int, pre: torch.Tensor, sv: _Saved, norms, mask, eps: float) -> torch.Tensor:
+def _update_forward(t: int, pre: torch.Tensor, sv: _Saved, norms, mask, eps: float,
+                    h_out: torch.Tensor | None = None) -> torch.Tensor:
     """The LSTM update of ``lstm.lstm_update`` at step t; writes c_{t+1} and what backward needs."""
     B, S = pre.size(0), sv.c.size(-1)
     gw, gb, cw, cb = norms
@@ -115,7 +116,7 @@ def _update_forward(t: int, pre: torch.Tensor, sv: _Saved, norms, mask, eps: flo
         tc = torch.tanh(cn, out=sv.tc[t])
     else:
         tc = torch.tanh(c)
-    return o * tc
+    return torch.mul(o, tc, out=h_out) if h_out is not None else o * tc
 
 
 def _update_backward(t: int, dh: torch.Tensor, dc: torch.Tensor, sv: _Saved, norms, mask, eps: float,
@@ -196,9 +197,20 @@ def _dropout_masks(cells_rates, T: int, B: int, like: torch.Tensor):
 
 
 # -- the HyperLSTM layer -----------------------------------------------------------------------
+def _block_diagonal(d_weight: torch.Tensor) -> torch.Tensor:
+    """(3, 4, H, Nz) per-gate projections -> (3, 4 Nz, 4 H) block-diagonal matrices, so that
+    ``z_k (B, 4 Nz) @ bd[k]`` gives d_k (B, 4 H) in the gate layout of the pre-activations. The
+    zero blocks cost 4x the (tiny) flops but avoid per-step transposes of (B, 4, H) tensors."""
+    K, G, H, Nz = d_weight.shape
+    bd = d_weight.new_zeros(K, G, Nz, G, H)
+    for g in range(G):
+        bd[:, g, :, g, :] = d_weight[:, g].transpose(-1, -2)
+    return bd.view(K, G * Nz, G * H)
+
+
 class _HyperLSTMFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xw, h0, c0, hh0, ch0, w_cat, w_hat_hh, z_weight, z_bias, d_weight, bias,
+    def forward(ctx, xw, xw_hat, h0, c0, hh0, ch0, w_cat, w_hat_hh, z_weight, z_bias, d_weight, bias,
                 gw, gb, cw, cb, hgw, hgb, hcw, hcb, mask, hmask, eps, hyper_eps):
         T, B = xw.shape[:2]
         H, Hh = h0.size(-1), hh0.size(-1)
@@ -212,31 +224,30 @@ class _HyperLSTMFunction(torch.autograd.Function):
         out = xw.new_empty(T, B, H)
         hh_all = xw.new_empty(T + 1, B, Hh)
         hh_all[0] = hh0
-        a_all = xw.new_empty(T, B, 4 * H)      # W_h h_{t-1}, needed for d(d_h)
         z_all = xw.new_empty(T, B, 3 * n)
-        d_w = d_weight.reshape(12, H, Nz).transpose(1, 2)  # (12, Nz, H)
+        bd = _block_diagonal(d_weight)
         norms, hnorms = (gw, gb, cw, cb), (hgw, hgb, hcw, hcb)
+        a_list = []  # h_{t-1} @ [W_h; W_hat_h]^T per step, kept for d(d_h) in backward
         h = h0
         for t in range(T):
             a = _linear(h, w_cat)                                 # (B, 4H + 4Hh)
-            a_all[t] = a[:, :4 * H]
-            hyper_pre = torch.addmm(xw[t, :, 4 * H:] + a[:, 4 * H:], hh_all[t], w_hat_hh.t())
-            hh = _update_forward(t, hyper_pre, hyp, hnorms, None if hmask is None else hmask[t], hyper_eps)
-            hh_all[t + 1] = hh
+            a_list.append(a)
+            hyper_pre = torch.addmm(xw_hat[t] + a[:, 4 * H:], hh_all[t], w_hat_hh.t())
+            hh = _update_forward(t, hyper_pre, hyp, hnorms, None if hmask is None else hmask[t], hyper_eps,
+                                 h_out=hh_all[t + 1])
             z = z_all[t]
             torch.mm(hh, z_weight.t(), out=z)
             z[:, :2 * n] += z_bias
-            d = torch.bmm(z.view(B, 12, Nz).transpose(0, 1), d_w)   # (12, B, H)
-            d = d.view(3, 4, B, H).permute(0, 2, 1, 3)               # (3, B, 4, H)
-            pre = (a_all[t].view(B, 4, H) * d[0] + xw[t, :, :4 * H].view(B, 4, H) * d[1] + d[2]).view(B, 4 * H)
+            d = torch.bmm(z.view(B, 3, n).transpose(0, 1), bd)   # (3, B, 4H): d_h, d_x, b(z)
+            pre = torch.addcmul(d[2], a[:, :4 * H], d[0]).addcmul_(xw[t], d[1])
             if bias is not None:
                 pre += bias
-            h = _update_forward(t, pre, main, norms, None if mask is None else mask[t], eps)
-            out[t] = h
+            h = _update_forward(t, pre, main, norms, None if mask is None else mask[t], eps, h_out=out[t])
         ctx.ln = ln
         ctx.eps, ctx.hyper_eps = eps, hyper_eps
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(xw, h0, out, hh_all, a_all, z_all, w_cat, w_hat_hh, z_weight, d_weight,
+        ctx.a_list = a_list  # intermediates, not inputs or outputs: may live on ctx
+        ctx.save_for_backward(xw, h0, out, hh_all, z_all, w_cat, w_hat_hh, z_weight, d_weight,
                               gw, gb, cw, cb, hgw, hgb, hcw, hcb, mask, hmask,
                               *main.tensors(), *hyp.tensors())
         return out, main.c[T].clone(), hh_all[T].clone(), hyp.c[T].clone()
@@ -244,8 +255,9 @@ class _HyperLSTMFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out, d_cT, d_hhT, d_chT):
-        (xw, h0, out, hh_all, a_all, z_all, w_cat, w_hat_hh, z_weight, d_weight,
+        (xw, h0, out, hh_all, z_all, w_cat, w_hat_hh, z_weight, d_weight,
          gw, gb, cw, cb, hgw, hgb, hcw, hcb, mask, hmask, *rest) = ctx.saved_tensors
+        a_list = ctx.a_list
         ln = ctx.ln
         k = 7 if ln else 2
         main = _Saved.from_tensors(rest[:k], ln)
@@ -255,15 +267,15 @@ class _HyperLSTMFunction(torch.autograd.Function):
         n = 4 * Nz
         norms, hnorms = (gw, gb, cw, cb), (hgw, hgb, hcw, hcb)
         grads, hgrads = _ln_grads(norms, H), _ln_grads(hnorms, Hh)
-        d_xw = torch.empty_like(xw)                      # (T, B, 4H + 4Hh)
-        d_a = xw.new_empty(T, B, 4 * H + 4 * Hh)         # grads of h_{t-1} @ w_cat^T
+        d_xw = torch.empty_like(xw)                      # (T, B, 4H)
+        d_a = xw.new_empty(T, B, 4 * H + 4 * Hh)         # grads of h_{t-1} @ w_cat^T; hyper part = d xw_hat
         d_z = torch.empty_like(z_all)
-        d_d = xw.new_empty(3, B, 4, H)
-        d_w = d_weight.reshape(12, H, Nz)                # (12, H, Nz)
-        d_wt = d_w.transpose(1, 2)                       # (12, Nz, H)
-        g_d = xw.new_zeros(12, Nz, H)
+        bd = _block_diagonal(d_weight)
+        bd_t = bd.transpose(1, 2)
+        g_bd = torch.zeros_like(bd)
+        dd = xw.new_empty(3, B, 4 * H)                   # grads of d_h, d_x, b(z); dd[2] is d(pre)
+        dpre = dd[2]
         g_bias = xw.new_zeros(4 * H) if ctx.has_bias else None
-        dpre = xw.new_empty(B, 4 * H)
         zeros = lambda S: xw.new_zeros(B, S)  # noqa: E731
         dh = zeros(H)
         dc = d_cT if d_cT is not None else zeros(H)
@@ -276,38 +288,36 @@ class _HyperLSTMFunction(torch.autograd.Function):
             dc = _update_backward(t, dh, dc, main, norms, None if mask is None else mask[t], ctx.eps, grads, dpre)
             if g_bias is not None:
                 g_bias += dpre.sum(0)
-            z = z_all[t]
-            d = torch.bmm(z.view(B, 12, Nz).transpose(0, 1), d_wt).view(3, 4, B, H).permute(0, 2, 1, 3)
-            dp = dpre.view(B, 4, H)
-            d_a[t, :, :4 * H].view(B, 4, H).copy_(dp * d[0])
-            d_xw[t, :, :4 * H].view(B, 4, H).copy_(dp * d[1])
-            torch.mul(dp, a_all[t].view(B, 4, H), out=d_d[0])
-            torch.mul(dp, xw[t, :, :4 * H].view(B, 4, H), out=d_d[1])
-            d_d[2] = dp
-            dd = d_d.view(3, B, 4, H).permute(0, 2, 1, 3).reshape(12, B, H)
-            g_d.baddbmm_(z.view(B, 12, Nz).transpose(0, 1).transpose(1, 2), dd)
-            dz = torch.bmm(dd, d_w).transpose(0, 1).reshape(B, 3 * n)   # (B, 12 * Nz)
-            d_z[t] = dz
-            dhh = torch.addmm(dhh, dz, z_weight)
+            zz = z_all[t].view(B, 3, n).transpose(0, 1)            # (3, B, 4 Nz)
+            d = torch.bmm(zz, bd)
+            a = a_list[t]
+            torch.mul(dpre, d[0], out=d_a[t, :, :4 * H])
+            torch.mul(dpre, d[1], out=d_xw[t])
+            torch.mul(dpre, a[:, :4 * H], out=dd[0])
+            torch.mul(dpre, xw[t], out=dd[1])
+            g_bd.baddbmm_(zz.transpose(1, 2), dd)
+            dz = torch.bmm(dd, bd_t)                                # (3, B, 4 Nz)
+            d_z[t].view(B, 3, n).copy_(dz.transpose(0, 1))
+            dhh = torch.addmm(dhh, d_z[t], z_weight)
             dhpre = d_a[t, :, 4 * H:]
             dch = _update_backward(t, dhh, dch, hyp, hnorms, None if hmask is None else hmask[t],
                                    ctx.hyper_eps, hgrads, dhpre)
-            d_xw[t, :, 4 * H:] = dhpre
             dhh = torch.mm(dhpre, w_hat_hh)
             dh = _linear(d_a[t], w_cat_t)
         # Weight gradients: one product over all T * B rows each.
         TB = T * B
-        g_cat = torch.mm(d_a[0].t(), h0)
-        if T > 1:
-            g_cat.addmm_(d_a[1:].reshape((T - 1) * B, -1).t(), out[:-1].reshape((T - 1) * B, H))
-        dhp = d_a[:, :, 4 * H:].reshape(TB, 4 * Hh)
-        g_hat_hh = torch.mm(dhp.t(), hh_all[:-1].reshape(TB, Hh))
+        h_prev = torch.cat([h0.unsqueeze(0), out[:-1]]).view(TB, H)
+        g_cat = torch.mm(d_a.view(TB, -1).t(), h_prev)
+        d_xw_hat = d_a[:, :, 4 * H:]
+        g_hat_hh = torch.mm(d_xw_hat.reshape(TB, 4 * Hh).t(), hh_all[:-1].reshape(TB, Hh))
         g_zw = torch.mm(d_z.view(TB, 3 * n).t(), hh_all[1:].reshape(TB, Hh))
         g_zb = d_z[:, :, :2 * n].sum((0, 1))
-        g_dw = g_d.transpose(1, 2).reshape(d_weight.shape)
+        G = 4
+        g_bd = g_bd.view(3, G, Nz, G, H)
+        g_dw = torch.stack([g_bd[:, g, :, g, :] for g in range(G)], dim=1).transpose(-1, -2)
         ln_g = (grads.get("gw"), grads.get("gb"), grads.get("cw"), grads.get("cb"),
                 hgrads.get("gw"), hgrads.get("gb"), hgrads.get("cw"), hgrads.get("cb"))
-        return (d_xw, dh, dc, dhh, dch, g_cat, g_hat_hh, g_zw, g_zb, g_dw, g_bias,
+        return (d_xw, d_xw_hat, dh, dc, dhh, dch, g_cat, g_hat_hh, g_zw, g_zb, g_dw, g_bias,
                 *ln_g, None, None, None, None)
 
 
@@ -319,8 +329,10 @@ def hyper_lstm_sequence(cell, x: torch.Tensor, state):
     h0, c0, hh0, ch0 = state
     T, B = x.shape[:2]
     H, Hh = cell.hidden_size, cell.hyper_size
-    xw = cell.input_projection(x)
     hyper = cell.hyper
+    # The same products as cell.input_projection, kept apart (no (T, B, 4H + 4Hh) concatenation).
+    xw = F.linear(x, cell.weight_ih)
+    xw_hat = F.linear(x, hyper.weight_ih[:, H:], hyper.bias)
     w_cat = torch.cat([cell.weight_hh, hyper.weight_ih[:, :H]], dim=0)
     training = cell.training
     rates = [(Hh, hyper.recurrent_dropout if training and hyper.recurrent_dropout > 0 else None),
@@ -329,7 +341,7 @@ def hyper_lstm_sequence(cell, x: torch.Tensor, state):
     norms, hnorms = _norm_params(cell), _norm_params(hyper)
     sc = cell.scaling
     out, cT, hhT, chT = _HyperLSTMFunction.apply(
-        xw, h0, c0, hh0, ch0, w_cat, hyper.weight_hh, sc.z_weight, sc.z_bias, sc.d_weight, sc.bias,
+        xw, xw_hat, h0, c0, hh0, ch0, w_cat, hyper.weight_hh, sc.z_weight, sc.z_bias, sc.d_weight, sc.bias,
         *norms, *hnorms, mask, hmask, _eps(cell), _eps(hyper))
     return out, (out[-1], cT, hhT, chT)
 
@@ -349,8 +361,7 @@ class _LSTMFunction(torch.autograd.Function):
         for t in range(T):
             pre = _linear(h, w_hh)
             pre += xw[t]
-            h = _update_forward(t, pre, sv, norms, None if mask is None else mask[t], eps)
-            out[t] = h
+            h = _update_forward(t, pre, sv, norms, None if mask is None else mask[t], eps, h_out=out[t])
         ctx.ln, ctx.eps = ln, eps
         ctx.save_for_backward(h0, out, w_hh, gw, gb, cw, cb, mask, *sv.tensors())
         return out, sv.c[T].clone()

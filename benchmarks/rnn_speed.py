@@ -1,0 +1,185 @@
+"""Forward+backward time and peak training memory of the recurrent layers, as ratios to torch.nn.LSTM.
+
+    python benchmarks/rnn_speed.py                  # the paper's PTB size on CPU
+    python benchmarks/rnn_speed.py --device cuda    # same on a GPU, against cuDNN's LSTM
+    python benchmarks/rnn_speed.py --quick          # smoke run at tiny size
+
+Size (the paper's character-level PTB model): input 50, hidden 1000, hyper 128, N_z 4,
+sequence 100, batch 64, one layer. Time is the median over ``--repeats`` rounds, the models
+interleaved within each round so that load from other processes spreads evenly over them.
+Peak memory is measured in a fresh subprocess per model: on CPU the growth of the peak
+resident set (``ru_maxrss``) during one forward+backward over the resident set just before it;
+on CUDA ``torch.cuda.max_memory_allocated`` over the allocation just before it.
+
+labml-nn 0.5.1's HyperLSTM (always layer-normalised, so compare it with "LN HyperLSTM") is
+included when importable; install it outside the project with
+``pip install --no-deps --target /tmp/labml labml-nn==0.5.1`` (``--labml-path`` to change).
+It is never a dependency of this package.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from hypernetworks.nn import LSTM, HyperLSTM  # noqa: E402
+
+MODELS = ("torch.nn.LSTM", "LSTM", "LN LSTM", "HyperLSTM", "LN HyperLSTM", "labml-nn HyperLSTM")
+FULL = dict(input_size=50, hidden_size=1000, hyper_size=128, embedding_size=4, seq_len=100, batch=64)
+QUICK = dict(input_size=8, hidden_size=64, hyper_size=16, embedding_size=4, seq_len=20, batch=8)
+
+
+def labml_available(path: str) -> bool:
+    if path and Path(path).is_dir() and path not in sys.path:
+        sys.path.append(path)
+    try:
+        import labml_nn.hypernetworks.hyper_lstm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build(name: str, size: dict) -> torch.nn.Module:
+    I, H = size["input_size"], size["hidden_size"]
+    hyper = dict(hyper_size=size["hyper_size"], embedding_size=size["embedding_size"])
+    if name == "torch.nn.LSTM":
+        return torch.nn.LSTM(I, H)
+    if name == "LSTM":
+        return LSTM(I, H)
+    if name == "LN LSTM":
+        return LSTM(I, H, layer_norm=True)
+    if name == "HyperLSTM":
+        return HyperLSTM(I, H, **hyper)
+    if name == "LN HyperLSTM":
+        return HyperLSTM(I, H, layer_norm=True, **hyper)
+    if name == "labml-nn HyperLSTM":
+        from labml_nn.hypernetworks.hyper_lstm import HyperLSTM as LabmlHyperLSTM
+        return LabmlHyperLSTM(I, H, size["hyper_size"], size["embedding_size"], 1)
+    raise ValueError(f"unknown model {name!r}")
+
+
+def step(model: torch.nn.Module, x: torch.Tensor) -> None:
+    out, _ = model(x)
+    out.sum().backward()
+    model.zero_grad(set_to_none=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_models(names, size, device, repeats: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    x = torch.randn(size["seq_len"], size["batch"], size["input_size"], device=device)
+    models = {n: build(n, size).to(device) for n in names}
+    for m in models.values():  # warm-up: allocator, oneDNN/cuDNN primitive caches
+        step(m, x)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(repeats):
+        for n, m in models.items():
+            sync(device)
+            t0 = time.perf_counter()
+            step(m, x)
+            sync(device)
+            times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory_here(name: str, size: dict, device: torch.device) -> int:
+    """Bytes of peak memory one forward+backward needs beyond what is resident before it."""
+    torch.manual_seed(0)
+    x = torch.randn(size["seq_len"], size["batch"], size["input_size"], device=device)
+    model = build(name, size).to(device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step(model, x)
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    base = _rss_bytes()
+    step(model, x)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+
+
+def peak_memory(name: str, args) -> int | None:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-of", name, "--device", args.device,
+           "--labml-path", args.labml_path] + (["--quick"] if args.quick else [])
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if res.returncode != 0:
+        print(f"memory measurement of {name} failed:\n{res.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return int(json.loads(res.stdout.strip().splitlines()[-1])["peak_bytes"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, few repeats: a smoke run")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7, quick 3)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--models", nargs="+", default=None, choices=MODELS, metavar="MODEL",
+                   help=f"subset of: {', '.join(MODELS)}")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--labml-path", default="/tmp/labml", help="where labml-nn was pip-installed with --target")
+    p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    size = QUICK if args.quick else FULL
+    has_labml = labml_available(args.labml_path)
+
+    if args.memory_of:
+        print(json.dumps({"peak_bytes": peak_memory_here(args.memory_of, size, device)}))
+        return 0
+
+    names = list(args.models or MODELS)
+    if "torch.nn.LSTM" not in names:
+        names.insert(0, "torch.nn.LSTM")
+    runnable = [n for n in names if n != "labml-nn HyperLSTM" or has_labml]
+    repeats = args.repeats or (3 if args.quick else 7)
+    times = time_models(runnable, size, device, repeats)
+    mems = {n: (None if args.no_memory else peak_memory(n, args)) for n in runnable}
+
+    desc = ", ".join(f"{k}={v}" for k, v in size.items())
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"fwd+bwd, {desc}; {where}; torch {torch.__version__}; median of {repeats} interleaved rounds\n")
+    print("| model | fwd+bwd time (s) | time / torch.nn.LSTM | peak memory (MiB) | memory / torch.nn.LSTM |")
+    print("|---|---:|---:|---:|---:|")
+    t0, m0 = times["torch.nn.LSTM"], mems["torch.nn.LSTM"]
+    for n in names:
+        if n not in times:
+            print(f"| {n} | not installed | | | |")
+            continue
+        mem = mems[n]
+        mem_s = "n/a" if mem is None else f"{mem / 2**20:.0f}"
+        mem_r = "n/a" if mem is None or not m0 else f"{mem / m0:.2f}x"
+        print(f"| {n} | {times[n]:.3f} | {times[n] / t0:.2f}x | {mem_s} | {mem_r} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

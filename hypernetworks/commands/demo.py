@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-size", type=int, default=128, help="main LSTM units of both models (default 128)")
     p.add_argument("--hyper-size", type=int, default=32, help="hyper LSTM units of the HyperLSTM (default 32)")
     p.add_argument("--embedding-size", type=int, default=4, help="N_z of the HyperLSTM (default 4)")
+    p.add_argument("--embedding-dim", type=int, default=0,
+                   help="learned input embedding size for both models (default 0: one-hot input, as in the paper)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -49,7 +51,8 @@ def _train(cell: str, args, run_dir: Path):
     seed_everything(args.seed, verbose=False)
     dm = PydocTextDataModule(batch_size=args.batch_size, seq_len=args.seq_len, eval_batch_size=32)
     task = LanguageModelTask(cell=cell, hidden_size=args.hidden_size, hyper_size=args.hyper_size,
-                             embedding_size=args.embedding_size, lr=args.lr, vocab=list(dm.vocab.symbols))
+                             embedding_size=args.embedding_size, embedding_dim=args.embedding_dim or None, lr=args.lr,
+                             vocab=list(dm.vocab.symbols))
     trainer = make_trainer(
         run_dir / cell, LanguageModelTask, max_steps=args.steps, val_check_interval=args.steps, check_val_every_n_epoch=None,
         num_sanity_val_steps=0, gradient_clip_val=1.0, accelerator="cpu", devices=1,
@@ -76,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                  "sample_length"):
         if getattr(args, name) <= 0:
             raise SystemExit(f"hypernetworks demo: --{name.replace('_', '-')} must be positive")
+    if args.embedding_dim < 0:
+        raise SystemExit("hypernetworks demo: --embedding-dim must be >= 0")
     import torch
 
     torch.set_num_threads(args.threads)

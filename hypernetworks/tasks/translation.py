@@ -14,7 +14,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from torchmetrics import MeanMetric
 
 from hypernetworks.data.parallel import PAD_ID, SubwordTokenizer, collate_pairs
 from hypernetworks.models.registry import create_model
@@ -53,7 +52,7 @@ class TranslationTask(LightningModule):
         self.tokenizer: SubwordTokenizer | None = None
         if model_vocab_size is not None:
             self._build(model_vocab_size)
-        self.val_loss = MeanMetric()
+        self._val_stats: torch.Tensor | None = None
         self._test_out: list[tuple[int, str, str]] = []
         self.bleu_signature: str | None = None
 
@@ -99,14 +98,18 @@ class TranslationTask(LightningModule):
         self.log("train_loss", loss, prog_bar=True, batch_size=ntok)
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_stats = torch.zeros(2, dtype=torch.float64, device=self.device)
+
     def validation_step(self, batch, batch_idx):
         loss, ntok = self._loss(batch, 0.0)
-        self.val_loss.update(loss, weight=ntok)  # per target token over the whole set
+        self._val_stats += torch.stack([loss.detach().double() * ntok, loss.new_tensor(ntok, dtype=torch.float64)])
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()
-        self.val_loss.reset()
-        self.log("val_loss", loss, prog_bar=True, sync_dist=False)
+        # per target token over the whole set (summed over data-parallel ranks)
+        stats = self.trainer.strategy.reduce(self._val_stats, reduce_op="sum")
+        loss = (stats[0] / stats[1].clamp(min=1)).float()
+        self.log("val_loss", loss, prog_bar=True)
         self.log("val_ppl", torch.exp(loss), prog_bar=True)
 
     # ------------------------------------------------------------------ decoding and BLEU

@@ -128,9 +128,10 @@ def _update_backward(t: int, dh: torch.Tensor, dc: torch.Tensor, sv: _Saved, nor
     i, g, f, o = act[:, :S], act[:, S:2 * S], act[:, 2 * S:3 * S], act[:, 3 * S:]
     c = sv.c[t + 1]
     tc = sv.tc[t] if sv.ln else torch.tanh(c)
-    d_o = dh * tc
-    dtc = dh * o * (1.0 - tc * tc)
     gw, gb, cw, cb = norms
+    dact = dpre_out  # first the gradient w.r.t. the activated gates, then through the nonlinearities
+    torch.mul(dh, tc, out=dact[:, 3 * S:])
+    dtc = torch.ops.aten.tanh_backward(dh * o, tc)
     if sv.ln:
         dcn, dcw, dcb = torch.ops.aten.native_layer_norm_backward(
             dtc, c, (S,), sv.cmean[t], sv.crstd[t], cw, cb, [True, True, True])
@@ -139,19 +140,15 @@ def _update_backward(t: int, dh: torch.Tensor, dc: torch.Tensor, sv: _Saved, nor
         dc = dc + dcn
     else:
         dc = dc + dtc
-    gm = g * mask if mask is not None else g
-    dg = dc * i
+    torch.mul(dc, g * mask if mask is not None else g, out=dact[:, :S])
+    torch.mul(dc, sv.c[t], out=dact[:, 2 * S:3 * S])
+    dg = torch.mul(dc, i, out=dact[:, S:2 * S])
     if mask is not None:
-        dg = dg * mask
-    dact = dpre_out  # gradient w.r.t. the activated gates, then through the nonlinearities
-    dact[:, :S] = dc * gm
-    dact[:, S:2 * S] = dg
-    dact[:, 2 * S:3 * S] = dc * sv.c[t]
-    dact[:, 3 * S:] = d_o
-    dc_prev = dc * f
-    dg_pre = dact[:, S:2 * S] * (1.0 - g * g)
-    dact.mul_(act * (1.0 - act))
+        dg.mul_(mask)
+    dg_pre = torch.ops.aten.tanh_backward(dg, g)
+    torch.ops.aten.sigmoid_backward(dact, act, grad_input=dact)  # elementwise, in place
     dact[:, S:2 * S] = dg_pre
+    dc_prev = dc * f
     if sv.ln:
         B = dh.size(0)
         dy = dact.view(B, 4, S)
@@ -226,6 +223,8 @@ class _HyperLSTMFunction(torch.autograd.Function):
         hh_all[0] = hh0
         z_all = xw.new_empty(T, B, 3 * n)
         bd = _block_diagonal(d_weight)
+        d_buf = xw.new_empty(3, B, 4 * H)    # per-step scratch, reused: fresh pages cost a fault each
+        pre_buf = xw.new_empty(B, 4 * H)
         norms, hnorms = (gw, gb, cw, cb), (hgw, hgb, hcw, hcb)
         a_list = []  # h_{t-1} @ [W_h; W_hat_h]^T per step, kept for d(d_h) in backward
         h = h0
@@ -238,10 +237,12 @@ class _HyperLSTMFunction(torch.autograd.Function):
             z = z_all[t]
             torch.mm(hh, z_weight.t(), out=z)
             z[:, :2 * n] += z_bias
-            d = torch.bmm(z.view(B, 3, n).transpose(0, 1), bd)   # (3, B, 4H): d_h, d_x, b(z)
-            pre = torch.addcmul(d[2], a[:, :4 * H], d[0]).addcmul_(xw[t], d[1])
+            zz = z.view(B, 3, n).transpose(0, 1)
+            # (3, B, 4H): d_h, d_x, b(z) (+ b_0 folded into the product)
+            d = torch.bmm(zz, bd, out=d_buf)
             if bias is not None:
-                pre += bias
+                d[2] += bias
+            pre = torch.addcmul(d[2], a[:, :4 * H], d[0], out=pre_buf).addcmul_(xw[t], d[1])
             h = _update_forward(t, pre, main, norms, None if mask is None else mask[t], eps, h_out=out[t])
         ctx.ln = ln
         ctx.eps, ctx.hyper_eps = eps, hyper_eps
@@ -274,6 +275,8 @@ class _HyperLSTMFunction(torch.autograd.Function):
         bd_t = bd.transpose(1, 2)
         g_bd = torch.zeros_like(bd)
         dd = xw.new_empty(3, B, 4 * H)                   # grads of d_h, d_x, b(z); dd[2] is d(pre)
+        d_buf = torch.empty_like(dd)
+        dz_buf = xw.new_empty(3, B, n)
         dpre = dd[2]
         g_bias = xw.new_zeros(4 * H) if ctx.has_bias else None
         zeros = lambda S: xw.new_zeros(B, S)  # noqa: E731
@@ -289,14 +292,14 @@ class _HyperLSTMFunction(torch.autograd.Function):
             if g_bias is not None:
                 g_bias += dpre.sum(0)
             zz = z_all[t].view(B, 3, n).transpose(0, 1)            # (3, B, 4 Nz)
-            d = torch.bmm(zz, bd)
+            d = torch.bmm(zz, bd, out=d_buf)
             a = a_list[t]
             torch.mul(dpre, d[0], out=d_a[t, :, :4 * H])
             torch.mul(dpre, d[1], out=d_xw[t])
             torch.mul(dpre, a[:, :4 * H], out=dd[0])
             torch.mul(dpre, xw[t], out=dd[1])
             g_bd.baddbmm_(zz.transpose(1, 2), dd)
-            dz = torch.bmm(dd, bd_t)                                # (3, B, 4 Nz)
+            dz = torch.bmm(dd, bd_t, out=dz_buf)                    # (3, B, 4 Nz)
             d_z[t].view(B, 3, n).copy_(dz.transpose(0, 1))
             dhh = torch.addmm(dhh, d_z[t], z_weight)
             dhpre = d_a[t, :, 4 * H:]

@@ -73,6 +73,21 @@ class TranslationTask(LightningModule):
             raise ValueError(f"the data's tokenizer has {self.tokenizer.vocab_size} pieces but the model was "
                              f"built for model_vocab_size={self.hparams.model_vocab_size}")
 
+    def _check_tokenizer(self) -> None:
+        # A checkpoint's tokenizer replaces the data's after configure_model; both must agree, or
+        # the data would be encoded with different pieces than the model was trained on.
+        dm = getattr(self.trainer, "datamodule", None)
+        dm_tok = getattr(dm, "tokenizer", None)
+        if dm_tok is not None and self.tokenizer is not None and dm_tok.model_bytes != self.tokenizer.model_bytes:
+            raise ValueError("the data module's SentencePiece model differs from the one stored in the checkpoint "
+                             "(different training data or vocab_size?)")
+
+    def on_fit_start(self) -> None:
+        self._check_tokenizer()
+
+    def on_test_start(self) -> None:
+        self._check_tokenizer()
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.tokenizer is not None:
             checkpoint[TOKENIZER_KEY] = torch.frombuffer(bytearray(self.tokenizer.model_bytes), dtype=torch.uint8)

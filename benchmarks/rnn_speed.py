@@ -8,7 +8,7 @@ Size (the paper's character-level PTB model): input 50, hidden 1000, hyper 128, 
 sequence 100, batch 64, one layer. Time is the median over ``--repeats`` rounds, the models
 interleaved within each round so that load from other processes spreads evenly over them.
 Peak memory is measured in a fresh subprocess per model: on CPU the growth of the peak
-resident set (``ru_maxrss``) during one forward+backward over the resident set just before it;
+resident set (``VmHWM``, reset just before) during one forward+backward over the resident set then;
 on CUDA ``torch.cuda.max_memory_allocated`` over the allocation just before it.
 
 labml-nn 0.5.1's HyperLSTM (always layer-normalised, so compare it with "LN HyperLSTM") is
@@ -22,7 +22,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -99,9 +98,22 @@ def time_models(names, size, device, repeats: int) -> dict[str, float]:
     return {n: statistics.median(v) for n, v in times.items()}
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak_rss() -> None:
+    # Writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0).
+    # ru_maxrss cannot be used: it survives fork/exec and would report the parent's peak.
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def peak_memory_here(name: str, size: dict, device: torch.device) -> int:
@@ -117,9 +129,10 @@ def peak_memory_here(name: str, size: dict, device: torch.device) -> int:
         step(model, x)
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
-    base = _rss_bytes()
+    _reset_peak_rss()
+    base = _status_bytes("VmRSS")
     step(model, x)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return _status_bytes("VmHWM") - base
 
 
 def peak_memory(name: str, args) -> int | None:

@@ -80,6 +80,7 @@ def test_fused_path_is_taken_and_can_be_switched_off(monkeypatch):
     assert type(m(x)[0].grad_fn).__name__ == "_HyperLSTMFunctionBackward"
     ln = make("lstm", layer_norm=True)
     assert type(ln(x)[0].grad_fn).__name__ == "_LSTMFunctionBackward"
+    assert "_HyperLSTMFunction" not in type(m(x[:1])[0].grad_fn).__name__  # single steps stay eager
     monkeypatch.setenv(_fused.ENV_VAR, "0")
     assert "_HyperLSTMFunction" not in type(m(x)[0].grad_fn).__name__
     monkeypatch.delenv(_fused.ENV_VAR)

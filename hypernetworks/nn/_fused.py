@@ -38,8 +38,12 @@ ENV_VAR = "HYPERNETWORKS_FUSED"
 _GATE_PERM = (0, 2, 1, 3)  # i, g, f, o -> torch's i, f, g, o
 
 
-def fused_enabled(cell) -> bool:
-    return bool(getattr(cell, "fused", True)) and os.environ.get(ENV_VAR, "1") not in ("0", "false", "False")
+def fused_enabled(cell, x: torch.Tensor) -> bool:
+    """Whether to take the fused path. Single steps (e.g. sampling one symbol at a time) stay on the
+    eager ``step``: the fused path's per-call set-up (concatenated and permuted weights) would cost
+    more than it saves there."""
+    return (bool(getattr(cell, "fused", True)) and os.environ.get(ENV_VAR, "1") not in ("0", "false", "False")
+            and x.size(0) > 1 and x.dtype in (torch.float32, torch.float64))
 
 
 # -- matrix products --------------------------------------------------------------------------
@@ -327,7 +331,7 @@ class _HyperLSTMFunction(torch.autograd.Function):
 def hyper_lstm_sequence(cell, x: torch.Tensor, state):
     """The fused forward of ``HyperLSTMCell`` over a (T, B, I) sequence, or None when the cell's
     configuration is not covered (the caller then runs the eager ``step`` loop)."""
-    if not fused_enabled(cell) or x.dtype not in (torch.float32, torch.float64):
+    if not fused_enabled(cell, x):
         return None
     h0, c0, hh0, ch0 = state
     T, B = x.shape[:2]
@@ -395,7 +399,7 @@ class _LSTMFunction(torch.autograd.Function):
 
 def lstm_sequence(cell, x: torch.Tensor, state):
     """The fused forward of ``LSTMCell`` over a (T, B, I) sequence, or None when not covered."""
-    if not fused_enabled(cell) or x.dtype not in (torch.float32, torch.float64):
+    if not fused_enabled(cell, x):
         return None
     h0, c0 = state
     T, B = x.shape[:2]

@@ -68,7 +68,7 @@ def ref_hyper_lstm_step(cell, x, h, c, h_hat, c_hat):
 
 
 def ref_hyper_rnn_step(cell, x, h, h_hat):
-    H, Nz = cell.hidden_size, cell.embedding_size
+    Nz = cell.embedding_size
     r = cell.hyper
     h_hat = torch.tanh(torch.cat([h, x], -1) @ r.weight_ih.T + r.bias_ih + h_hat @ r.weight_hh.T + r.bias_hh)
     s = cell.scaling

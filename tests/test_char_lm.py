@@ -12,14 +12,6 @@ from hypernetworks.models.registry import create_model, list_models
 from hypernetworks.tasks.language_model import LanguageModelTask
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _count(m):
     return sum(p.numel() for p in m.parameters())
 

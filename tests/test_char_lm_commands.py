@@ -13,14 +13,6 @@ from hypernetworks.viz.activity import render_activity
 from hypernetworks.viz.saturation import collect_states, plot_saturation
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("demo")

@@ -17,15 +17,6 @@ from tests.conftest import require_file
 TINY = {"hidden_size": 12, "hyper_size": 6, "embedding_size": 2, "num_mixtures": 3}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # these models are tiny: extra intra-op threads only wait on each other on a busy machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _numpy_nll(logit_pi, mu, sigma, rho, eos_logit, x):
     """Graves (2013) eqs. 23-26 written out for one step, directly."""
     pi = np.exp(logit_pi - logit_pi.max())

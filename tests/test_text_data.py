@@ -14,14 +14,6 @@ from hypernetworks.data.text import (IGNORE_INDEX, UNK, Enwik8DataModule, PTBCha
 from hypernetworks.models.char_lm import CharLM
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("n,b,t,world", [(1000, 7, 13, 1), (1001, 8, 10, 2), (257, 4, 100, 4), (50, 49, 3, 1)])
 def test_every_symbol_predicted_exactly_once(n, b, t, world):
     data = torch.arange(n)  # ids are positions, so targets name what they predict

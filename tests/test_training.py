@@ -19,14 +19,6 @@ TINY = ["--model.init_args.hidden_size", "16", "--model.init_args.hyper_size", "
         "--trainer.enable_progress_bar", "false"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_every_recipe_parses_and_builds_its_model(config, tmp_path):
     """Each configs/*.yaml parses, and its model and data classes instantiate (no data read, no training)."""

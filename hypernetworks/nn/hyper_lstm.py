@@ -12,7 +12,6 @@ W_x x_t of a whole sequence are one matrix multiply before the time loop.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 from torch import Tensor
 
 __all__ = ["kernel_mosaic", "save_kernel_grid"]

@@ -22,7 +22,7 @@ from pathlib import Path
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hypernetworks demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=300, help="training steps per model (default 300)")
+    p.add_argument("--steps", type=int, default=1000, help="training steps per model (default 1000)")
     p.add_argument("--hidden-size", type=int, default=128, help="main LSTM units of both models (default 128)")
     p.add_argument("--hyper-size", type=int, default=32, help="hyper LSTM units of the HyperLSTM (default 32)")
     p.add_argument("--embedding-size", type=int, default=4, help="N_z of the HyperLSTM (default 4)")

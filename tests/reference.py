@@ -16,6 +16,14 @@ def _ln(a, weight, bias, eps=1e-5):
     return (a - mu) / torch.sqrt(var + eps) * weight + bias
 
 
+def _ref_state_update(cell, pre: dict, c):
+    """c_t = sigma(f) c_{t-1} + sigma(i) tanh(g); h_t = sigma(o) tanh(LN(c_t))."""
+    c = torch.sigmoid(pre["f"]) * c + torch.sigmoid(pre["i"]) * torch.tanh(pre["g"])
+    cn = _ln(c, cell.cell_norm.weight, cell.cell_norm.bias) if cell.cell_norm is not None else c
+    h = torch.sigmoid(pre["o"]) * torch.tanh(cn)
+    return h, c
+
+
 def ref_lstm_step(cell, x, h, c):
     """Plain (optionally layer-normed) LSTM step, gate by gate (order i, g, f, o)."""
     H = cell.hidden_size
@@ -28,10 +36,7 @@ def ref_lstm_step(cell, x, h, c):
         if cell.gate_norm is not None:
             a = _ln(a, cell.gate_norm.weight[k], cell.gate_norm.bias[k])
         pre[y] = a
-    c = torch.sigmoid(pre["f"]) * c + torch.sigmoid(pre["i"]) * torch.tanh(pre["g"])
-    cn = _ln(c, cell.cell_norm.weight, cell.cell_norm.bias) if cell.cell_norm is not None else c
-    h = torch.sigmoid(pre["o"]) * torch.tanh(cn)
-    return h, c
+    return _ref_state_update(cell, pre, c)
 
 
 def ref_hyper_lstm_step(cell, x, h, c, h_hat, c_hat):
@@ -61,9 +66,7 @@ def ref_hyper_lstm_step(cell, x, h, c, h_hat, c_hat):
         if cell.gate_norm is not None:
             a = _ln(a, cell.gate_norm.weight[k], cell.gate_norm.bias[k])
         pre[y] = a
-    c = torch.sigmoid(pre["f"]) * c + torch.sigmoid(pre["i"]) * torch.tanh(pre["g"])
-    cn = _ln(c, cell.cell_norm.weight, cell.cell_norm.bias) if cell.cell_norm is not None else c
-    h = torch.sigmoid(pre["o"]) * torch.tanh(cn)
+    h, c = _ref_state_update(cell, pre, c)
     return h, c, h_hat, c_hat
 
 

@@ -12,6 +12,8 @@ import html
 from pathlib import Path
 from typing import Sequence
 
+from hypernetworks.viz.figures import save_figure
+
 GATES = ("input i", "candidate g", "forget f", "output o")
 COLOURS = ("#d62728", "#2ca02c", "#1f77b4", "#ff7f0e")
 
@@ -118,11 +120,7 @@ def render_activity_png(steps: Sequence[str], intensity: Sequence[Sequence[float
     handles = [Rectangle((0, 0), 1, 1, color=c) for c in COLOURS]
     fig.legend(handles, GATES, loc="upper right", ncol=4, fontsize=8, frameon=False)
     fig.text(0.01, 0.995, title, fontsize=9, va="top", ha="left")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def render_activity(steps: Sequence[str], intensity: Sequence[Sequence[float]], out_dir: str | Path,

@@ -16,6 +16,8 @@ from xml.sax.saxutils import escape
 
 import numpy as np
 
+from hypernetworks.viz.figures import save_figure
+
 GATE_NAMES = ("i", "g", "f", "o")
 GATE_COLOURS = ("#d62728", "#2ca02c", "#1f77b4", "#ff7f0e")  # one hue per gate (matplotlib tab10)
 
@@ -125,12 +127,8 @@ def plot_strokes(steps, intensity=None, ax=None, linewidth: float = 1.5, title: 
 
 
 def save_png(steps, path: str | Path, intensity=None, dpi: int = 120, title: str | None = None) -> Path:
-    import matplotlib.pyplot as plt
-
     fig = plot_strokes(steps, intensity, title=title)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight", facecolor="white")
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=dpi, bbox_inches="tight", facecolor="white")
 
 
 def save_svg(steps, path: str | Path, intensity=None, title: str | None = None) -> Path:
@@ -148,6 +146,4 @@ def save_grid_png(samples: Sequence, path: str | Path, titles: Sequence[str] | N
     fig, axes = plt.subplots(len(samples), 1, figsize=(12, 2.2 * len(samples)), squeeze=False)
     for k, (steps, inten) in enumerate(samples):
         plot_strokes(steps, inten, ax=axes[k, 0], title=titles[k] if titles else None)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight", facecolor="white")
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=dpi, bbox_inches="tight", facecolor="white")

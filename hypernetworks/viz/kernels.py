@@ -12,6 +12,8 @@ from typing import Sequence
 import numpy as np
 from torch import Tensor
 
+from hypernetworks.viz.figures import save_figure
+
 __all__ = ["kernel_mosaic", "save_kernel_grid"]
 
 
@@ -56,10 +58,6 @@ def save_kernel_grid(kernels: Sequence[tuple[str, Tensor]], path: str | Path, ma
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=150)
 
 

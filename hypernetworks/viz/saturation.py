@@ -13,6 +13,8 @@ from typing import Mapping
 
 import torch
 
+from hypernetworks.viz.figures import save_figure
+
 
 @torch.no_grad()
 def collect_states(task, text: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,11 +46,7 @@ def plot_saturation(states: Mapping[str, tuple[torch.Tensor, torch.Tensor]], pat
     axes[0, 0].set_ylabel("hidden state h_t")
     axes[1, 0].set_ylabel("cell state c_t (clipped to ±5)")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,8 +7,7 @@ A *cell* here provides:
                                 that collects per-step activity for analysis;
   optionally ``fused_forward(x, state)`` -> (outputs, state) or None: a fused whole-sequence
                                 path over the raw (T, B, I) input, used when nothing is recorded
-                                and no sequence is padded (None: not available, run ``step``);
-  optionally ``forward_sequence(xw, state)`` -> (outputs, state): the same from the projected input.
+                                and no sequence is padded (None: not available, run ``step``).
 
 ``RecurrentLayers`` turns a stack of such cells into a module with nn.LSTM's contract: input
 forms (time-major, batch_first, unbatched, PackedSequence), initial state, inter-layer dropout,
@@ -156,8 +155,6 @@ class RecurrentLayers(nn.Module):
             if result is not None:
                 return result
         xw = cell.input_projection(x)
-        if rec is None and mask is None and hasattr(cell, "forward_sequence"):
-            return cell.forward_sequence(xw, state)
         outputs = []
         for t in range(x.size(0)):
             h, new_state = cell.step(xw[t], state, rec)

@@ -70,10 +70,17 @@ class LanguageModelTask(LightningModule):
                  embedding_size: int = 4, embedding_dim: int | None = None, input_dropout: float = 0.0,
                  output_dropout: float = 0.0, recurrent_dropout: float = 0.0,
                  layer_dropout: float | None = None, hyper_recurrent_dropout: float | None = None,
-                 lr: float = 1e-3, weight_decay: float = 0.0, vocab: list[str] | None = None) -> None:
+                 lr: float = 1e-3, weight_decay: float = 0.0, lr_plateau_factor: float | None = None,
+                 lr_plateau_patience: int = 0, lr_plateau_threshold: float = 0.0,
+                 vocab: list[str] | None = None) -> None:
         super().__init__()
         if not lr > 0:
             raise ValueError(f"lr must be positive; got {lr!r}")
+        if lr_plateau_factor is not None and not 0 < lr_plateau_factor < 1:
+            raise ValueError(f"lr_plateau_factor must be in (0, 1) or None; got {lr_plateau_factor!r}")
+        if lr_plateau_patience < 0 or lr_plateau_threshold < 0:
+            raise ValueError("lr_plateau_patience and lr_plateau_threshold must be >= 0; got "
+                             f"{lr_plateau_patience!r}, {lr_plateau_threshold!r}")
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0; got {weight_decay!r}")
         if hidden_size <= 0 or num_layers <= 0:
@@ -84,6 +91,8 @@ class LanguageModelTask(LightningModule):
         self._next_train_window = 0
         self._eval_state = None
         self._pending_rng = None
+        self._plateau = None  # ReduceLROnPlateau on val_bpc, stepped after each full validation
+        self._pending_plateau_state = None
         self.val_bpc = BitsPerCharacter()
         self.test_bpc = BitsPerCharacter()
         if vocab is not None:
@@ -116,7 +125,27 @@ class LanguageModelTask(LightningModule):
         return self.net(x, state)
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if self.hparams.get("lr_plateau_factor"):
+            # Stepped by hand in on_validation_epoch_end: validation runs every val_check_interval
+            # steps (not per epoch), and the rate must drop right after the validation that shows
+            # the plateau, not one interval later.
+            self._plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                opt, mode="min", factor=self.hparams.lr_plateau_factor,
+                patience=self.hparams.lr_plateau_patience, threshold=self.hparams.lr_plateau_threshold,
+                threshold_mode="abs")
+            if self._pending_plateau_state is not None:
+                self._plateau.load_state_dict(self._pending_plateau_state)
+                self._pending_plateau_state = None
+        return opt
+
+    def on_validation_epoch_end(self) -> None:
+        if self._plateau is None or self.trainer.sanity_checking:
+            return
+        value = self.trainer.callback_metrics.get("val_bpc")
+        if value is not None and torch.isfinite(value):
+            self._plateau.step(float(value))
+        self.log("lr", self._plateau.optimizer.param_groups[0]["lr"])
 
     # ------------------------------------------------------------------ steps
     @staticmethod
@@ -170,6 +199,7 @@ class LanguageModelTask(LightningModule):
             "train_state": _flatten_state(self._train_state),
             "next_train_window": self._next_train_window,
             "torch_rng": torch.get_rng_state(),
+            "lr_plateau": self._plateau.state_dict() if self._plateau is not None else None,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -179,6 +209,7 @@ class LanguageModelTask(LightningModule):
         if not extra:
             return
         self._pending_rng = extra.get("torch_rng")
+        self._pending_plateau_state = extra.get("lr_plateau")
         flat = extra.get("train_state") or []
         self._train_state = self._unflatten(flat) if flat else None
         self._next_train_window = int(extra.get("next_train_window", 0))
@@ -205,56 +236,89 @@ class LanguageModelTask(LightningModule):
             ids.append(i)
         return torch.tensor(ids, dtype=torch.long)
 
-    @torch.no_grad()
-    def _generate(self, length: int, temperature: float, seed: int, prime: str, activity: bool):
+    def _steps(self, length: int, temperature: float, seed: int, prime: str, activity: bool):
+        """Sample one character per step, lazily: yields ``(id, d_h of this call (T, 4, H) or None)``.
+
+        The arguments are checked before the first step (not on first ``next``) so callers get the
+        error at once; the model is in eval mode while the generator runs.
+        """
         if length < 0:
             raise ValueError(f"length must be >= 0; got {length}")
         if not temperature > 0:
             raise ValueError(f"temperature must be positive; got {temperature}")
         if self.net is None:
             raise ValueError("the model has no vocabulary yet (train it or pass vocab=[...])")
+        gen = torch.Generator(device="cpu").manual_seed(int(seed))
+        prime_ids = self.encode(prime) if prime else torch.randint(len(self.vocab), (1,), generator=gen)
+        return self._step_loop(length, temperature, gen, prime_ids, activity)
+
+    def _step_loop(self, length, temperature, gen, prime_ids, activity):
         was_training = self.training
         self.eval()
-        gen = torch.Generator(device="cpu").manual_seed(int(seed))
         device = self.device
-        state, d_hs = None, []
-        prime_ids = self.encode(prime) if prime else torch.randint(len(self.vocab), (1,), generator=gen)
+        state = None
         x = prime_ids.view(1, -1).to(device)
-        out: list[int] = []
-        for _ in range(length):
-            if activity:
-                logits, state, act = self.net.forward_with_activity(x, state)
-                d_h = act[-1].get("d_h") if act and isinstance(act[-1], dict) else None
-                d_hs.append(d_h[:, 0] if d_h is not None else None)  # (T, 4, H) of this call
-            else:
-                logits, state = self.net(x, state)
-            probs = torch.softmax(logits[0, -1].float().cpu() / temperature, dim=-1)
-            nxt = int(torch.multinomial(probs, 1, generator=gen))
+        try:
+            for _ in range(length):
+                with torch.no_grad():
+                    if activity:
+                        logits, state, act = self.net.forward_with_activity(x, state)
+                        d_h = act[-1].get("d_h") if act and isinstance(act[-1], dict) else None
+                        d_h = d_h[:, 0] if d_h is not None else None  # (T, 4, H) of this call
+                    else:
+                        logits, state = self.net(x, state)
+                        d_h = None
+                    probs = torch.softmax(logits[0, -1].float().cpu() / temperature, dim=-1)
+                    nxt = int(torch.multinomial(probs, 1, generator=gen))
+                yield nxt, d_h
+                x = torch.tensor([[nxt]], device=device)
+        finally:
+            if was_training:
+                self.train()
+
+    def _generate(self, length: int, temperature: float, seed: int, prime: str, activity: bool):
+        out, d_hs = [], []
+        for nxt, d_h in self._steps(length, temperature, seed, prime, activity):
             out.append(nxt)
-            x = torch.tensor([[nxt]], device=device)
-        if was_training:
-            self.train()
-        return out, d_hs
+            d_hs.append(d_h)
+        return out, (d_hs if activity else [])
 
     def sample(self, length: int = 200, temperature: float = 1.0, seed: int = 0, prime: str = "") -> str:
         """``length`` sampled characters following ``prime`` (deterministic under ``seed``)."""
         out, _ = self._generate(length, temperature, seed, prime, activity=False)
         return "".join(self.vocab[i] for i in out)
 
-    def demo_generate(self, length: int = 200, temperature: float = 1.0, seed: int = 0, prime: str = "") -> dict:
-        """The demo-page contract: generated symbols and, per step, the gate change intensity of
-        the last layer's d_h (i, g, f, o), all zeros for a model that is not a HyperLSTM."""
+    demo_kind = "text"
+
+    def demo_stream(self, length: int = 200, temperature: float = 1.0, seed: int = 0, prime: str = ""):
+        """The demo page's streaming contract: an iterator of ``(character, [i, g, f, o])``, one
+        model step per item, computed as it is consumed. The intensity is the gate change of the
+        last layer's d_h (all zeros for a model that is not a HyperLSTM); arguments are checked at
+        the call, before any step."""
+        steps = self._steps(length, temperature, seed, prime, activity=True)
+        return self._demo_items(steps)
+
+    def _demo_items(self, steps):
         from hypernetworks.nn import gate_change_intensity
 
-        out, d_hs = self._generate(length, temperature, seed, prime, activity=True)
-        steps = [self.vocab[i] for i in out]
-        if not d_hs or d_hs[0] is None:
-            return {"kind": "text", "steps": steps, "intensity": [[0.0] * 4 for _ in steps]}
-        # step t's character was sampled from the state made with d_h of the last input of call t
-        seq = torch.stack([d[-1] for d in d_hs])  # (length, 4, H)
-        initial = d_hs[0][-2] if d_hs[0].shape[0] > 1 else None
-        inten = gate_change_intensity(seq, initial)  # (length, 4)
-        return {"kind": "text", "steps": steps, "intensity": inten.float().cpu().tolist()}
+        previous = None
+        for t, (nxt, d_h) in enumerate(steps):
+            if d_h is None:
+                yield self.vocab[nxt], [0.0] * 4
+                continue
+            # Step t's character was sampled from the state made with d_h of the last input of
+            # call t; the first is compared with the prime's second-to-last d_h when there is one.
+            if t == 0 and d_h.shape[0] > 1:
+                previous = d_h[-2]
+            current = d_h[-1]
+            yield self.vocab[nxt], gate_change_intensity(current[None], previous)[0].float().cpu().tolist()
+            previous = current
+
+    def demo_generate(self, length: int = 200, temperature: float = 1.0, seed: int = 0, prime: str = "") -> dict:
+        """The demo-page contract in one piece: ``demo_stream`` collected into
+        ``{"kind": "text", "steps": [...], "intensity": [[i, g, f, o], ...]}``."""
+        items = list(self.demo_stream(length, temperature, seed, prime))
+        return {"kind": "text", "steps": [c for c, _ in items], "intensity": [i for _, i in items]}
 
     @torch.no_grad()
     def activity_of(self, text: str) -> tuple[list[str], list[list[float]]]:

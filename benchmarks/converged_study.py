@@ -182,6 +182,8 @@ def cmd_run(a) -> int:
     for s in studies:
         cells = STUDIES[s]["cells"]
         # round-robin over seeds so that the minimum seeds of every cell finish first
+        if a.cells:
+            cells = [c for c in cells if c.key in a.cells.split(",")]
         for seed in sorted({k for c in cells for k in c.seeds}):
             jobs += [(s, c, seed) for c in cells if seed in c.seeds]
     with ThreadPoolExecutor(a.workers) as pool:
@@ -308,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="train the runs of a study that have no record yet (resumes cut-off runs)")
     r.add_argument("--study", default="all", help=f"one of {sorted(STUDIES)}, comma-separated, or 'all'")
+    r.add_argument("--cells", default=None, help="only these cells (comma-separated keys)")
     r.add_argument("--workers", type=int, default=2)
     r.add_argument("--runs_root", default="runs/study")
     r.add_argument("--results", default="results")

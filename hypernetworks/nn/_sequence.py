@@ -7,11 +7,21 @@ A *cell* here provides:
                                 that collects per-step activity for analysis;
   optionally ``fused_forward(x, state)`` -> (outputs, state) or None: a fused whole-sequence
                                 path over the raw (T, B, I) input, used when nothing is recorded
-                                and no sequence is padded (None: not available, run ``step``).
+                                and no sequence is padded (None: not available, run ``step``);
+  optionally ``tensor_state = True``: the cell's state may also be given as one tensor (nn.RNN).
 
-``RecurrentLayers`` turns a stack of such cells into a module with nn.LSTM's contract: input
-forms (time-major, batch_first, unbatched, PackedSequence), initial state, inter-layer dropout,
-validation of shapes, and the final state as a tuple of (num_layers, B, size) tensors.
+``RecurrentLayers`` turns a stack of such cells (one per layer and direction) into a module with
+nn.LSTM's contract: input forms (time-major, batch_first, unbatched, PackedSequence), initial
+state, inter-layer dropout, bidirectional layers, validation of shapes and dtypes, and the final
+state as a tuple of (num_layers * num_directions, B, size) tensors.
+
+State forms (``hx`` in, state out; the state comes back in the form it went in):
+  * the full tuple, one tensor per entry of ``state_sizes`` (the default when ``hx`` is None);
+  * for cells with more than two state tensors, nn.LSTM's pair ``(h, c)``: ``h`` is exactly the
+    main h, and ``c`` is the main c alone (the rest of the state then starts at zero) or the main c
+    with the rest of the state appended along the last dimension, which is what comes back. This
+    is how the original TensorFlow HyperLSTMCell carried its hyper state inside its LSTM state;
+  * for ``tensor_state`` cells, nn.RNN's single tensor: h alone or h with the rest appended.
 """
 from __future__ import annotations
 
@@ -24,67 +34,158 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 State = tuple[torch.Tensor, ...]
 
-
-def _initial_cell_state(cell: nn.Module, batch: int | None, ref: torch.Tensor) -> list[torch.Tensor]:
-    shape = (lambda n: (batch, n)) if batch is not None else (lambda n: (n,))
-    return [ref.new_zeros(shape(n)) for n in cell.state_sizes]
+FULL, PAIR, TENSOR = "full", "pair", "tensor"
 
 
-def run_cell(cell: nn.Module, input: torch.Tensor, hx: Sequence[torch.Tensor] | None) -> State:
+def _check_dtype(module: nn.Module, x: torch.Tensor, name: str = "input") -> None:
+    """Refuse what torch would only report as an internal matmul dtype error."""
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    p = next(module.parameters(), None)
+    if p is not None and x.dtype != p.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"{name} has dtype {x.dtype} but the module's parameters are {p.dtype}; convert one of "
+                        f"them (e.g. module.to({x.dtype}) or {name}.to({p.dtype}))")
+
+
+def _read_state(hx, sizes: Sequence[int], lead: tuple[int, ...], tensor_ok: bool, where: str, like: torch.Tensor):
+    """``hx`` in any accepted form -> (list of state tensors or None per entry, form).
+
+    ``lead`` is the expected leading shape, e.g. (num_layers * D, B), (B,) or (); ``like`` the
+    input, whose dtype the state must share (outside autocast)."""
+    if hx is None:
+        return [None] * len(sizes), FULL
+    if isinstance(hx, torch.Tensor):
+        if not tensor_ok:
+            raise ValueError(f"hx must be a tuple of tensors, e.g. (h_0, c_0) as for torch.nn.LSTM{where}")
+        form, given = TENSOR, [hx]
+    elif isinstance(hx, (tuple, list)):
+        given = list(hx)
+        if len(given) == len(sizes):
+            form = FULL
+        elif len(given) == 2 and len(sizes) > 2:
+            form = PAIR
+        else:
+            raise ValueError(f"hx must be a tuple of {len(sizes)} tensors (the state this module returns) "
+                             f"or nn.LSTM's (h_0, c_0); got {len(given)} tensors{where}")
+    else:
+        raise ValueError(f"hx must be a tuple of tensors, e.g. (h_0, c_0) as for torch.nn.LSTM; "
+                         f"got {type(hx).__name__}{where}")
+    autocast = torch.is_autocast_enabled(like.device.type)
+    for k, g in enumerate(given):
+        if not isinstance(g, torch.Tensor):
+            raise ValueError(f"hx[{k}] must be a tensor, got {type(g).__name__}")
+        if g.dtype != like.dtype and not autocast:
+            raise TypeError(f"hx[{k}] has dtype {g.dtype} but the input has {like.dtype}")
+    if form == FULL:
+        for k, (g, n) in enumerate(zip(given, sizes)):
+            if tuple(g.shape) != (*lead, n):
+                raise ValueError(f"hx[{k}] has shape {tuple(g.shape)}, expected {(*lead, n)}")
+        return given, form
+    # PAIR: given[0] is h, given[-1] the c slot; TENSOR: given[0] is the h slot holding everything.
+    head = 1 if form == PAIR else 0
+    rest_sizes = list(sizes[head:])
+    if form == PAIR:
+        if tuple(given[0].shape) != (*lead, sizes[0]):
+            raise ValueError(f"hx[0] has shape {tuple(given[0].shape)}, expected {(*lead, sizes[0])}")
+    slot, k = given[-1], len(given) - 1
+    short, full = (*lead, rest_sizes[0]), (*lead, sum(rest_sizes))
+    if tuple(slot.shape) not in (short, full):
+        raise ValueError(f"hx[{k}] has shape {tuple(slot.shape)}, expected {short} or, with the rest of the "
+                         f"state appended, {full}")
+    out = given[:head]
+    if tuple(slot.shape) == full:
+        out += list(slot.split(rest_sizes, dim=-1))
+    else:
+        out += [slot] + [None] * (len(rest_sizes) - 1)
+    return out, form
+
+
+def _write_state(state: State, form: str):
+    if form == FULL:
+        return tuple(state)
+    if form == PAIR:
+        return state[0], torch.cat(state[1:], dim=-1)
+    return torch.cat(state, dim=-1)
+
+
+def run_cell(cell: nn.Module, input: torch.Tensor, hx) -> State:
     """``cell(input, hx)`` for a single step: input (B, I) or unbatched (I,)."""
     if not isinstance(input, torch.Tensor) or input.dim() not in (1, 2):
         raise ValueError(f"input must be a tensor of shape (batch, {cell.input_size}) or "
                          f"({cell.input_size},), got {_shape(input)}")
     if input.size(-1) != cell.input_size:
         raise ValueError(f"input has {input.size(-1)} features, expected input_size={cell.input_size}")
+    _check_dtype(cell, input)
     batched = input.dim() == 2
-    batch = input.size(0) if batched else None
-    state = _initial_cell_state(cell, batch, input)
-    if hx is not None:
-        hx = _as_tuple(hx)
-        if len(hx) not in (2, len(state)):
-            raise ValueError(f"hx must hold {len(state)} tensors (or nn.LSTMCell's (h, c)), got {len(hx)}")
-        for k, given in enumerate(hx):
-            if given.shape != state[k].shape:
-                raise ValueError(f"hx[{k}] has shape {tuple(given.shape)}, expected {tuple(state[k].shape)}")
-            state[k] = given
+    lead = (input.size(0),) if batched else ()
+    given, form = _read_state(hx, cell.state_sizes, lead, getattr(cell, "tensor_state", False),
+                              " (or nn.LSTMCell's (h, c))", input)
+    state = [g if g is not None else input.new_zeros(*lead, n) for g, n in zip(given, cell.state_sizes)]
     xw = cell.input_projection(input.unsqueeze(0) if batched else input.view(1, 1, -1))
-    x_t = xw[0] if batched else xw[0]
     if not batched:
         state = [s.unsqueeze(0) for s in state]
-    _, new_state = cell.step(x_t, tuple(state), None)
+    _, new_state = cell.step(xw[0], tuple(state), None)
     if not batched:
         new_state = tuple(s.squeeze(0) for s in new_state)
-    return tuple(new_state)
-
-
-def _as_tuple(hx) -> tuple:
-    if isinstance(hx, torch.Tensor) or not isinstance(hx, (tuple, list)):
-        raise ValueError("hx must be a tuple of tensors, e.g. (h_0, c_0) as for torch.nn.LSTM")
-    return tuple(hx)
+    return _write_state(tuple(new_state), form)
 
 
 def _shape(x) -> str:
     return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
-class RecurrentLayers(nn.Module):
-    """A stack of recurrent cells with torch.nn.LSTM's forward contract."""
+def _reverse_time(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """Reverse each sequence of a time-major (T, B, ...) tensor within its own length.
 
-    def __init__(self, cells: Sequence[nn.Module], batch_first: bool = False, dropout: float = 0.0):
+    ``index`` (T, B) maps t -> length - 1 - t on real steps and t -> t on padding (it is its own
+    inverse); None means every sequence spans all T steps."""
+    if index is None:
+        return t.flip(0)
+    idx = index.view(*index.shape, *([1] * (t.dim() - 2))).expand_as(t)
+    return t.gather(0, idx)
+
+
+class RecurrentLayers(nn.Module):
+    """A stack of recurrent cells with torch.nn.LSTM's forward contract.
+
+    ``cells`` are the layers' forward-direction cells; ``reverse_cells``, when given, the
+    backward direction of each layer (``bidirectional``), stored apart so that a unidirectional
+    module keeps its state-dict keys."""
+
+    def __init__(self, cells: Sequence[nn.Module], batch_first: bool = False, dropout: float = 0.0,
+                 reverse_cells: Sequence[nn.Module] | None = None):
         super().__init__()
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
         self.cells = nn.ModuleList(cells)
+        if reverse_cells is not None:
+            if len(reverse_cells) != len(cells):
+                raise ValueError("reverse_cells must hold one cell per layer")
+            self.cells_reverse = nn.ModuleList(reverse_cells)
+        self.bidirectional = reverse_cells is not None
         self.batch_first = bool(batch_first)
         self.dropout = float(dropout)
         self.input_size = cells[0].input_size
         self.hidden_size = cells[0].hidden_size
         self.num_layers = len(cells)
+        self.proj_size = 0  # nn.LSTM's attribute; projections are not offered (see the subclasses)
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
 
     def extra_repr(self) -> str:
-        return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
-                f"batch_first={self.batch_first}, dropout={self.dropout}")
+        s = (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
+             f"batch_first={self.batch_first}, dropout={self.dropout}")
+        return s + (", bidirectional=True" if self.bidirectional else "")
+
+    def flatten_parameters(self) -> None:
+        """No-op, for code written for torch.nn.LSTM (which calls it after loading or moving a
+        model so that cuDNN sees one contiguous weight buffer). These layers never hand their
+        weights to cuDNN as one buffer, so there is nothing to flatten."""
+
+    def _layer_cells(self, k: int) -> list[nn.Module]:
+        return [self.cells[k], self.cells_reverse[k]] if self.bidirectional else [self.cells[k]]
 
     # ------------------------------------------------------------------------------------
     def forward(self, input, hx=None):
@@ -92,10 +193,12 @@ class RecurrentLayers(nn.Module):
         return output, state
 
     def forward_with_activity(self, input, hx=None):
-        """Like ``forward`` but also returns, per layer, a dict of time-major per-step tensors
-        (for a HyperLSTM: ``d_h``, ``d_x``, ``bias`` of shape (T, B, 4, hidden_size), gate order
-        i, g, f, o, and ``h_hat`` of shape (T, B, hyper_size)). Padded steps of a PackedSequence
-        hold the values computed on padding; mask them with the lengths."""
+        """Like ``forward`` but also returns, per layer (and direction, in the state's order
+        layer * num_directions + direction), a dict of time-major per-step tensors (for a
+        HyperLSTM: ``d_h``, ``d_x``, ``bias`` of shape (T, B, 4, hidden_size), gate order
+        i, g, f, o, and ``h_hat`` of shape (T, B, hyper_size)); the reverse direction's are in
+        input time order too. Padded steps of a PackedSequence hold the values computed on
+        padding; mask them with the lengths."""
         return self._forward(input, hx, record=True)
 
     # ------------------------------------------------------------------------------------
@@ -117,21 +220,34 @@ class RecurrentLayers(nn.Module):
             raise ValueError(f"input has {x.size(-1)} features, expected input_size={self.input_size}")
         if x.size(0) == 0:
             raise ValueError("input has an empty time dimension")
+        _check_dtype(self, x)
         B = x.size(1)
-        states = self._initial_states(hx, B, batched, x)
-        mask = None
+        states, form = self._initial_states(hx, B, batched, x)
+        mask = reverse_index = None
         if lengths is not None:
             steps = torch.arange(x.size(0), device=x.device).unsqueeze(1)
-            mask = (steps < lengths.to(x.device).unsqueeze(0)).unsqueeze(-1)  # (T, B, 1)
+            lens = lengths.to(x.device).unsqueeze(0)
+            mask = (steps < lens).unsqueeze(-1)  # (T, B, 1)
+            if self.bidirectional:
+                reverse_index = torch.where(steps < lens, lens - 1 - steps, steps)  # (T, B)
 
         activity: list[dict] = []
         finals: list[State] = []
-        for k, cell in enumerate(self.cells):
-            rec = {} if record else None
-            x, final = self._run_layer(cell, x, states[k], mask, rec)
-            finals.append(final)
-            if rec is not None:
-                activity.append({name: torch.stack(v) for name, v in rec.items()})
+        for k in range(self.num_layers):
+            outputs = []
+            for d, cell in enumerate(self._layer_cells(k)):
+                rec = {} if record else None
+                if d == 0:
+                    y, final = self._run_layer(cell, x, states[k * self.num_directions], mask, rec)
+                else:  # the reverse direction: the same per-direction run over each reversed sequence
+                    y, final = self._run_layer(cell, _reverse_time(x, reverse_index), states[2 * k + 1], mask, rec)
+                    y = _reverse_time(y, reverse_index)
+                outputs.append(y)
+                finals.append(final)
+                if rec is not None:
+                    a = {name: torch.stack(v) for name, v in rec.items()}
+                    activity.append(a if d == 0 else {n: _reverse_time(v, reverse_index) for n, v in a.items()})
+            x = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
             if self.dropout > 0.0 and self.training and k < self.num_layers - 1:
                 x = F.dropout(x, self.dropout, training=True)
 
@@ -145,7 +261,7 @@ class RecurrentLayers(nn.Module):
         if not batched:
             state = tuple(s.squeeze(1) for s in state)
             activity = [{n: v.squeeze(1) for n, v in a.items()} for a in activity]
-        return output, state, activity
+        return output, _write_state(state, form), activity
 
     def _run_layer(self, cell, x, state: State, mask, rec):
         if rec is None and mask is None:
@@ -166,22 +282,14 @@ class RecurrentLayers(nn.Module):
             outputs.append(h)
         return torch.stack(outputs), state
 
-    def _initial_states(self, hx, batch: int, batched: bool, ref: torch.Tensor) -> list[State]:
+    def _initial_states(self, hx, batch: int, batched: bool, ref: torch.Tensor) -> tuple[list[State], str]:
         sizes = self.cells[0].state_sizes
-        zeros = [ref.new_zeros(self.num_layers, batch, n) for n in sizes]
-        if hx is not None:
-            hx = _as_tuple(hx)
-            if len(hx) not in (2, len(sizes)):
-                raise ValueError(f"hx must be a tuple of {len(sizes)} tensors (the state this module returns) "
-                                 f"or nn.LSTM's (h_0, c_0); got {len(hx)} tensors")
-            for k, given in enumerate(hx):
-                if not isinstance(given, torch.Tensor):
-                    raise ValueError(f"hx[{k}] must be a tensor, got {type(given).__name__}")
-                expected = (self.num_layers, batch, sizes[k]) if batched else (self.num_layers, sizes[k])
-                if tuple(given.shape) != expected:
-                    raise ValueError(f"hx[{k}] has shape {tuple(given.shape)}, expected {expected}")
-                zeros[k] = given if batched else given.unsqueeze(1)
-        return [tuple(z[k] for z in zeros) for k in range(self.num_layers)]
+        n = self.num_layers * self.num_directions
+        lead = (n, batch) if batched else (n,)
+        given, form = _read_state(hx, sizes, lead, getattr(self.cells[0], "tensor_state", False), "", ref)
+        full = [ref.new_zeros(n, batch, size) if g is None else (g if batched else g.unsqueeze(1))
+                for g, size in zip(given, sizes)]
+        return [tuple(z[k] for z in full) for k in range(n)], form
 
     @staticmethod
     def _repack(padded: torch.Tensor, lengths: torch.Tensor, like: PackedSequence) -> PackedSequence:

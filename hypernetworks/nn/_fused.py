@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from hypernetworks.nn import _kernels
+
 ENV_VAR = "HYPERNETWORKS_FUSED"
 _GATE_PERM = (0, 2, 1, 3)  # i, g, f, o -> torch's i, f, g, o
 
@@ -197,6 +199,117 @@ def _dropout_masks(cells_rates, T: int, B: int, like: torch.Tensor):
     return out
 
 
+# -- the compiled step kernels (hypernetworks/nn/_kernels) ------------------------------------
+def _kernels_for(like: torch.Tensor):
+    """The compiled CPU kernels for tensors like ``like``, or None (CUDA, other dtypes, no compiler):
+    the callers then run the same step with PyTorch ops."""
+    if like.device.type != "cpu" or like.dtype not in (torch.float32, torch.float64):
+        return None
+    return _kernels.library()
+
+
+def _p(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+class _Kernels:
+    """Typed views of the kernels for one dtype; strides are read from the tensors (the last
+    dimension must be contiguous, which every caller here guarantees)."""
+
+    def __init__(self, lib, like: torch.Tensor):
+        sfx = "f32" if like.dtype == torch.float32 else "f64"
+        self._fwd = getattr(lib, f"cell_fwd_{sfx}")
+        self._bwd = getattr(lib, f"cell_bwd_{sfx}")
+        self.hyper_fwd = getattr(lib, f"hyper_pre_fwd_{sfx}")
+        self.hyper_bwd = getattr(lib, f"hyper_pre_bwd_{sfx}")
+
+    def cell_fwd(self, t, pre, add1, add2, sv: _Saved, norms, eps, mask, h_out):
+        B, S = sv.c.shape[1:]
+        gw, gb, cw, cb = norms
+        ln = sv.ln
+        self._fwd(B, S, _p(pre), pre.stride(0), _p(add1), 0 if add1 is None else add1.stride(0),
+                  _p(add2), 0 if add2 is None else add2.stride(0), _p(gw), _p(gb), _p(cw), _p(cb), eps,
+                  None if mask is None else _p(mask[t]), _p(sv.c[t]), _p(sv.act[t]), _p(sv.c[t + 1]),
+                  _p(h_out), h_out.stride(0), _p(sv.gx[t]) if ln else None, _p(sv.grstd[t]) if ln else None,
+                  _p(sv.cmean[t]) if ln else None, _p(sv.crstd[t]) if ln else None, _p(sv.tc[t]) if ln else None)
+
+    def cell_bwd(self, t, dh, dh_add, dc, sv: _Saved, norms, mask, dpre_out, grads):
+        """dc is updated in place to dc_{t-1}; d(pre) goes into dpre_out."""
+        B, S = sv.c.shape[1:]
+        gw, _, cw, _ = norms
+        ln = sv.ln
+        self._bwd(B, S, _p(dh), _p(dh_add), _p(dc), _p(sv.act[t]), _p(sv.c[t]), _p(sv.c[t + 1]),
+                  _p(sv.tc[t]) if ln else None, None if mask is None else _p(mask[t]), _p(gw), _p(cw),
+                  _p(sv.gx[t]) if ln else None, _p(sv.grstd[t]) if ln else None,
+                  _p(sv.cmean[t]) if ln else None, _p(sv.crstd[t]) if ln else None,
+                  _p(dpre_out), dpre_out.stride(0), _p(dc),
+                  _p(grads.get("gw")), _p(grads.get("gb")), _p(grads.get("cw")), _p(grads.get("cb")))
+
+
+def _contiguous(ts):
+    return tuple(None if t is None else t.contiguous() for t in ts)
+
+
+def _hyper_forward_kernels(lib, xw, xw_hat, h0, w_cat, w_hat_hh, z_weight, z_bias, d_weight, bias, norms, hnorms,
+                           mask, hmask, eps, hyper_eps, main, hyp, out, hh_all, z_all, a_list):
+    """The forward loop of _HyperLSTMFunction with the per-step elementwise work in the kernels:
+    per step three matrix products (torch) and three kernel calls."""
+    k = _Kernels(lib, xw)
+    T, B = xw.shape[:2]
+    H, Nz = h0.size(-1), d_weight.size(-1)
+    norms, hnorms = _contiguous(norms), _contiguous(hnorms)
+    wd_t = d_weight.transpose(-1, -2).contiguous()                # (3, 4, Nz, H): units innermost
+    zb = torch.cat([z_bias, z_bias.new_zeros(4 * Nz)])            # z_b has no bias
+    bias = None if bias is None else bias.contiguous()
+    hpre = xw.new_empty(B, hh_all.size(-1) * 4)
+    pre = xw.new_empty(B, 4 * H)
+    h = h0
+    for t in range(T):
+        a = _linear(h, w_cat)                                     # (B, 4H + 4Hh)
+        a_list.append(a)
+        torch.mm(hh_all[t], w_hat_hh.t(), out=hpre)
+        k.cell_fwd(t, hpre, a[:, 4 * H:], xw_hat[t], hyp, hnorms, hyper_eps, hmask, hh_all[t + 1])
+        torch.addmm(zb, hh_all[t + 1], z_weight.t(), out=z_all[t])
+        k.hyper_fwd(B, H, Nz, _p(a), a.stride(0), _p(xw[t]), _p(z_all[t]), _p(wd_t), _p(bias), _p(pre))
+        k.cell_fwd(t, pre, None, None, main, norms, eps, mask, out[t])
+        h = out[t]
+
+
+def _hyper_backward_kernels(lib, d_out, d_cT, d_hhT, d_chT, xw, h0, out, hh_all, z_all, w_cat, w_hat_hh,
+                            z_weight, d_weight, norms, hnorms, mask, hmask, main, hyp, a_list, grads, hgrads,
+                            has_bias):
+    """The backward loop of _HyperLSTMFunction with the per-step elementwise work in the kernels."""
+    k = _Kernels(lib, xw)
+    T, B = xw.shape[:2]
+    H, Hh, Nz = h0.size(-1), hh_all.size(-1), d_weight.size(-1)
+    norms, hnorms = _contiguous(norms), _contiguous(hnorms)
+    d_xw = torch.empty_like(xw)
+    d_a = xw.new_empty(T, B, 4 * H + 4 * Hh)
+    d_z = torch.empty_like(z_all)
+    wd_t = d_weight.transpose(-1, -2).contiguous()
+    g_wd = torch.zeros_like(wd_t)
+    g_bias = xw.new_zeros(4 * H) if has_bias else None
+    dpre = xw.new_empty(B, 4 * H)
+
+    def start(g, S):  # the incoming gradient of a final state, as a buffer updated in place
+        return xw.new_zeros(B, S) if g is None else g.clone(memory_format=torch.contiguous_format)
+
+    dh, dc, dhh, dch = xw.new_zeros(B, H), start(d_cT, H), start(d_hhT, Hh), start(d_chT, Hh)
+    d_out = None if d_out is None else d_out.contiguous()
+    w_cat_t = w_cat.t().contiguous()
+    for t in range(T - 1, -1, -1):
+        k.cell_bwd(t, dh, None if d_out is None else d_out[t], dc, main, norms, mask, dpre, grads)
+        k.hyper_bwd(B, H, Nz, _p(dpre), _p(a_list[t]), a_list[t].stride(0), _p(xw[t]), _p(z_all[t]), _p(wd_t),
+                    _p(d_a[t]), d_a.stride(1), _p(d_xw[t]), _p(d_z[t]), _p(g_wd), _p(g_bias))
+        dhh = torch.addmm(dhh, d_z[t], z_weight)
+        dhpre = d_a[t, :, 4 * H:]
+        k.cell_bwd(t, dhh, None, dch, hyp, hnorms, hmask, dhpre, hgrads)
+        dhh = torch.mm(dhpre, w_hat_hh)
+        dh = _linear(d_a[t], w_cat_t)
+    g_dw = g_wd.transpose(-1, -2).contiguous()
+    return d_xw, d_a, d_z, dh, dc, dhh, dch, g_dw, g_bias
+
+
 # -- the HyperLSTM layer -----------------------------------------------------------------------
 def _block_diagonal(d_weight: torch.Tensor) -> torch.Tensor:
     """(3, 4, H, Nz) per-gate projections -> (3, 4 Nz, 4 H) block-diagonal matrices, so that
@@ -231,8 +344,13 @@ class _HyperLSTMFunction(torch.autograd.Function):
         pre_buf = xw.new_empty(B, 4 * H)
         norms, hnorms = (gw, gb, cw, cb), (hgw, hgb, hcw, hcb)
         a_list = []  # h_{t-1} @ [W_h; W_hat_h]^T per step, kept for d(d_h) in backward
+        lib = _kernels_for(xw)
+        ctx.lib = lib
+        if lib is not None:
+            _hyper_forward_kernels(lib, xw, xw_hat, h0, w_cat, w_hat_hh, z_weight, z_bias, d_weight, bias,
+                                   norms, hnorms, mask, hmask, eps, hyper_eps, main, hyp, out, hh_all, z_all, a_list)
         h = h0
-        for t in range(T):
+        for t in range(T if lib is None else 0):
             a = _linear(h, w_cat)                                 # (B, 4H + 4Hh)
             a_list.append(a)
             hyper_pre = torch.addmm(xw_hat[t] + a[:, 4 * H:], hh_all[t], w_hat_hh.t())
@@ -272,45 +390,14 @@ class _HyperLSTMFunction(torch.autograd.Function):
         n = 4 * Nz
         norms, hnorms = (gw, gb, cw, cb), (hgw, hgb, hcw, hcb)
         grads, hgrads = _ln_grads(norms, H), _ln_grads(hnorms, Hh)
-        d_xw = torch.empty_like(xw)                      # (T, B, 4H)
-        d_a = xw.new_empty(T, B, 4 * H + 4 * Hh)         # grads of h_{t-1} @ w_cat^T; hyper part = d xw_hat
-        d_z = torch.empty_like(z_all)
-        bd = _block_diagonal(d_weight)
-        bd_t = bd.transpose(1, 2)
-        g_bd = torch.zeros_like(bd)
-        dd = xw.new_empty(3, B, 4 * H)                   # grads of d_h, d_x, b(z); dd[2] is d(pre)
-        d_buf = torch.empty_like(dd)
-        dz_buf = xw.new_empty(3, B, n)
-        dpre = dd[2]
-        g_bias = xw.new_zeros(4 * H) if ctx.has_bias else None
-        zeros = lambda S: xw.new_zeros(B, S)  # noqa: E731
-        dh = zeros(H)
-        dc = d_cT if d_cT is not None else zeros(H)
-        dhh = d_hhT if d_hhT is not None else zeros(Hh)
-        dch = d_chT if d_chT is not None else zeros(Hh)
-        w_cat_t = w_cat.t().contiguous()
-        for t in range(T - 1, -1, -1):
-            if d_out is not None:
-                dh = dh + d_out[t]
-            dc = _update_backward(t, dh, dc, main, norms, None if mask is None else mask[t], ctx.eps, grads, dpre)
-            if g_bias is not None:
-                g_bias += dpre.sum(0)
-            zz = z_all[t].view(B, 3, n).transpose(0, 1)            # (3, B, 4 Nz)
-            d = torch.bmm(zz, bd, out=d_buf)
-            a = a_list[t]
-            torch.mul(dpre, d[0], out=d_a[t, :, :4 * H])
-            torch.mul(dpre, d[1], out=d_xw[t])
-            torch.mul(dpre, a[:, :4 * H], out=dd[0])
-            torch.mul(dpre, xw[t], out=dd[1])
-            g_bd.baddbmm_(zz.transpose(1, 2), dd)
-            dz = torch.bmm(dd, bd_t, out=dz_buf)                    # (3, B, 4 Nz)
-            d_z[t].view(B, 3, n).copy_(dz.transpose(0, 1))
-            dhh = torch.addmm(dhh, d_z[t], z_weight)
-            dhpre = d_a[t, :, 4 * H:]
-            dch = _update_backward(t, dhh, dch, hyp, hnorms, None if hmask is None else hmask[t],
-                                   ctx.hyper_eps, hgrads, dhpre)
-            dhh = torch.mm(dhpre, w_hat_hh)
-            dh = _linear(d_a[t], w_cat_t)
+        if ctx.lib is not None:
+            d_xw, d_a, d_z, dh, dc, dhh, dch, g_dw, g_bias = _hyper_backward_kernels(
+                ctx.lib, d_out, d_cT, d_hhT, d_chT, xw, h0, out, hh_all, z_all, w_cat, w_hat_hh, z_weight,
+                d_weight, norms, hnorms, mask, hmask, main, hyp, a_list, grads, hgrads, ctx.has_bias)
+        else:
+            d_xw, d_a, d_z, dh, dc, dhh, dch, g_dw, g_bias = _hyper_backward_torch(
+                ctx, d_out, d_cT, d_hhT, d_chT, xw, h0, hh_all, z_all, w_cat, w_hat_hh, z_weight, d_weight,
+                norms, hnorms, mask, hmask, main, hyp, a_list, grads, hgrads)
         # Weight gradients: one product over all T * B rows each.
         TB = T * B
         h_prev = torch.cat([h0.unsqueeze(0), out[:-1]]).view(TB, H)
@@ -319,13 +406,61 @@ class _HyperLSTMFunction(torch.autograd.Function):
         g_hat_hh = torch.mm(d_xw_hat.reshape(TB, 4 * Hh).t(), hh_all[:-1].reshape(TB, Hh))
         g_zw = torch.mm(d_z.view(TB, 3 * n).t(), hh_all[1:].reshape(TB, Hh))
         g_zb = d_z[:, :, :2 * n].sum((0, 1))
-        G = 4
-        g_bd = g_bd.view(3, G, Nz, G, H)
-        g_dw = torch.stack([g_bd[:, g, :, g, :] for g in range(G)], dim=1).transpose(-1, -2)
         ln_g = (grads.get("gw"), grads.get("gb"), grads.get("cw"), grads.get("cb"),
                 hgrads.get("gw"), hgrads.get("gb"), hgrads.get("cw"), hgrads.get("cb"))
         return (d_xw, d_xw_hat, dh, dc, dhh, dch, g_cat, g_hat_hh, g_zw, g_zb, g_dw, g_bias,
                 *ln_g, None, None, None, None)
+
+
+def _hyper_backward_torch(ctx, d_out, d_cT, d_hhT, d_chT, xw, h0, hh_all, z_all, w_cat, w_hat_hh, z_weight,
+                          d_weight, norms, hnorms, mask, hmask, main, hyp, a_list, grads, hgrads):
+    """The backward loop of _HyperLSTMFunction in PyTorch ops (CUDA, or no compiled kernels)."""
+    T, B = xw.shape[:2]
+    H, Hh, Nz = h0.size(-1), hh_all.size(-1), d_weight.size(-1)
+    n = 4 * Nz
+    d_xw = torch.empty_like(xw)                      # (T, B, 4H)
+    d_a = xw.new_empty(T, B, 4 * H + 4 * Hh)         # grads of h_{t-1} @ w_cat^T; hyper part = d xw_hat
+    d_z = torch.empty_like(z_all)
+    bd = _block_diagonal(d_weight)
+    bd_t = bd.transpose(1, 2)
+    g_bd = torch.zeros_like(bd)
+    dd = xw.new_empty(3, B, 4 * H)                   # grads of d_h, d_x, b(z); dd[2] is d(pre)
+    d_buf = torch.empty_like(dd)
+    dz_buf = xw.new_empty(3, B, n)
+    dpre = dd[2]
+    g_bias = xw.new_zeros(4 * H) if ctx.has_bias else None
+    zeros = lambda S: xw.new_zeros(B, S)  # noqa: E731
+    dh = zeros(H)
+    dc = d_cT if d_cT is not None else zeros(H)
+    dhh = d_hhT if d_hhT is not None else zeros(Hh)
+    dch = d_chT if d_chT is not None else zeros(Hh)
+    w_cat_t = w_cat.t().contiguous()
+    for t in range(T - 1, -1, -1):
+        if d_out is not None:
+            dh = dh + d_out[t]
+        dc = _update_backward(t, dh, dc, main, norms, None if mask is None else mask[t], ctx.eps, grads, dpre)
+        if g_bias is not None:
+            g_bias += dpre.sum(0)
+        zz = z_all[t].view(B, 3, n).transpose(0, 1)            # (3, B, 4 Nz)
+        d = torch.bmm(zz, bd, out=d_buf)
+        a = a_list[t]
+        torch.mul(dpre, d[0], out=d_a[t, :, :4 * H])
+        torch.mul(dpre, d[1], out=d_xw[t])
+        torch.mul(dpre, a[:, :4 * H], out=dd[0])
+        torch.mul(dpre, xw[t], out=dd[1])
+        g_bd.baddbmm_(zz.transpose(1, 2), dd)
+        dz = torch.bmm(dd, bd_t, out=dz_buf)                    # (3, B, 4 Nz)
+        d_z[t].view(B, 3, n).copy_(dz.transpose(0, 1))
+        dhh = torch.addmm(dhh, d_z[t], z_weight)
+        dhpre = d_a[t, :, 4 * H:]
+        dch = _update_backward(t, dhh, dch, hyp, hnorms, None if hmask is None else hmask[t],
+                               ctx.hyper_eps, hgrads, dhpre)
+        dhh = torch.mm(dhpre, w_hat_hh)
+        dh = _linear(d_a[t], w_cat_t)
+    G = 4
+    g_bd = g_bd.view(3, G, Nz, G, H)
+    g_dw = torch.stack([g_bd[:, g, :, g, :] for g in range(G)], dim=1).transpose(-1, -2)
+    return d_xw, d_a, d_z, dh, dc, dhh, dch, g_dw, g_bias
 
 
 def hyper_lstm_sequence(cell, x: torch.Tensor, state):
@@ -338,8 +473,9 @@ def hyper_lstm_sequence(cell, x: torch.Tensor, state):
     H, Hh = cell.hidden_size, cell.hyper_size
     hyper = cell.hyper
     # The same products as cell.input_projection, kept apart (no (T, B, 4H + 4Hh) concatenation).
-    xw = F.linear(x, cell.weight_ih)
-    xw_hat = F.linear(x, hyper.weight_ih[:, H:], hyper.bias)
+    xw = F.linear(x, cell.weight_ih).contiguous()
+    xw_hat = F.linear(x, hyper.weight_ih[:, H:], hyper.bias).contiguous()
+    h0, c0, hh0, ch0 = (s.contiguous() for s in state)  # the step kernels read rows by pointer
     w_cat = torch.cat([cell.weight_hh, hyper.weight_ih[:, :H]], dim=0)
     training = cell.training
     rates = [(Hh, hyper.recurrent_dropout if training and hyper.recurrent_dropout > 0 else None),
@@ -364,8 +500,16 @@ class _LSTMFunction(torch.autograd.Function):
         sv.c[0] = c0
         out = xw.new_empty(T, B, H)
         norms = (gw, gb, cw, cb)
+        lib = _kernels_for(xw)
+        ctx.lib = lib
         h = h0
-        for t in range(T):
+        if lib is not None:
+            k = _Kernels(lib, xw)
+            for t in range(T):
+                pre = _linear(h, w_hh)
+                k.cell_fwd(t, pre, xw[t], None, sv, _contiguous(norms), eps, mask, out[t])
+                h = out[t]
+        for t in range(T if lib is None else 0):
             pre = _linear(h, w_hh)
             pre += xw[t]
             h = _update_forward(t, pre, sv, norms, None if mask is None else mask[t], eps, h_out=out[t])
@@ -385,7 +529,14 @@ class _LSTMFunction(torch.autograd.Function):
         dh = out.new_zeros(B, H)
         dc = d_cT if d_cT is not None else out.new_zeros(B, H)
         w_t = w_hh.t().contiguous()
-        for t in range(T - 1, -1, -1):
+        if ctx.lib is not None:
+            k = _Kernels(ctx.lib, out)
+            dc = dc.clone(memory_format=torch.contiguous_format)  # updated in place
+            d_out = d_out.contiguous() if d_out is not None else None
+            for t in range(T - 1, -1, -1):
+                k.cell_bwd(t, dh, None if d_out is None else d_out[t], dc, sv, _contiguous(norms), mask, d_xw[t], grads)
+                dh = _linear(d_xw[t], w_t)
+        for t in range(T - 1, -1, -1) if ctx.lib is None else ():
             if d_out is not None:
                 dh = dh + d_out[t]
             dc = _update_backward(t, dh, dc, sv, norms, None if mask is None else mask[t], ctx.eps, grads, d_xw[t])
@@ -408,7 +559,8 @@ def lstm_sequence(cell, x: torch.Tensor, state):
     if cell.gate_norm is None and rd is None:
         return _torch_lstm(cell, x, h0, c0)
     (mask,) = _dropout_masks([(H, rd)], T, B, x)
-    xw = cell.input_projection(x)
+    xw = cell.input_projection(x).contiguous()
+    h0, c0 = h0.contiguous(), c0.contiguous()
     out, cT = _LSTMFunction.apply(xw, h0, c0, cell.weight_hh, *_norm_params(cell), mask, _eps(cell))
     return out, (out[-1], cT)
 

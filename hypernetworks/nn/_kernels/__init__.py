@@ -1,0 +1,137 @@
+"""Build-on-first-use loader of the fused CPU step kernels (``lstm_kernels.cpp``).
+
+The source is plain C++ behind a C ABI (no torch headers), compiled once per machine with the
+system's C++ compiler into a per-user cache and loaded with ctypes: a build takes about a second,
+where a ``torch.utils.cpp_extension`` build takes about a minute (docs/rnn_speed.md). The cache key
+covers the source, the compiler and its flags and the CPU's feature flags (the build uses
+``-march=native``), so a changed source or another machine rebuilds instead of loading a stale or
+incompatible library.
+
+``library()`` returns the loaded library, or None when it cannot be built (no compiler, a failed
+build) or is switched off with ``HYPERNETWORKS_KERNELS=0``; the fused paths then keep to their
+PyTorch-op implementation, after ONE warning per process naming the reason.
+
+Environment: ``CXX`` (compiler, default ``c++``/``g++``), ``HYPERNETWORKS_CACHE`` (cache folder,
+default ``$XDG_CACHE_HOME/hypernetworks`` or ``~/.cache/hypernetworks``).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("lstm_kernels.cpp")
+ENV_VAR = "HYPERNETWORKS_KERNELS"
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC"]
+ABI_VERSION = 1
+
+_lock = threading.Lock()
+_state: dict = {}  # "lib": CDLL | None once tried; "why": reason it is None
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("HYPERNETWORKS_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "hypernetworks"
+
+
+def _compiler() -> str | None:
+    cxx = os.environ.get("CXX")
+    if cxx:
+        return shutil.which(cxx)  # an explicit CXX that does not exist means: no compiler
+    return shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(cxx: str) -> Path:
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cxx, version, " ".join(FLAGS), _cpu_flags(),
+                                    platform.machine()]).encode()).hexdigest()[:16]
+    target = cache_dir() / "kernels" / key / "lstm_kernels.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build to a temporary name and rename: concurrent first uses (test workers, DDP ranks) never
+    # see a half-written library.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        res = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        if res.returncode != 0:
+            raise RuntimeError(f"{cxx} failed:\n{res.stderr[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i, d = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+    sig = {
+        "cell_fwd": [i, i, p, i, p, i, p, i, p, p, p, p, d, p, p, p, p, p, i, p, p, p, p, p],
+        "cell_bwd": [i, i, p, p, p, p, p, p, p, p, p, p, p, p, p, p, p, i, p, p, p, p, p],
+        "hyper_pre_fwd": [i, i, i, p, i, p, p, p, p, p],
+        "hyper_pre_bwd": [i, i, i, p, p, i, p, p, p, p, i, p, p, p, p],
+    }
+    for name, args in sig.items():
+        for suffix in ("f32", "f64"):
+            fn = getattr(lib, f"{name}_{suffix}")
+            fn.argtypes = args
+            fn.restype = None
+
+
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get(ENV_VAR, "1") in ("0", "false", "False"):
+        return None, f"{ENV_VAR}=0"
+    cxx = _compiler()
+    if cxx is None:
+        wanted = os.environ.get("CXX") or "c++/g++/clang++"
+        return None, f"no C++ compiler found ({wanted} is not on PATH)"
+    try:
+        lib = ctypes.CDLL(str(_build(cxx)))
+        if lib.hn_kernels_abi_version() != ABI_VERSION:
+            return None, "stale kernel library in the cache"
+        _declare(lib)
+        return lib, ""
+    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
+        return None, f"building the kernels failed: {e}"
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built on first use; None (after one warning) when unavailable."""
+    if "lib" not in _state:
+        with _lock:
+            if "lib" not in _state:
+                lib, why = _load()
+                _state["why"] = why
+                _state["lib"] = lib
+                if lib is None and not why.startswith(ENV_VAR):
+                    warnings.warn(f"hypernetworks: fused CPU kernels unavailable ({why}); the LSTM/HyperLSTM "
+                                  "layers use the slower PyTorch-op path. Install a C++ compiler (e.g. g++) "
+                                  "for full CPU speed.", RuntimeWarning, stacklevel=3)
+    return _state["lib"]
+
+
+def ptr(t) -> int | None:
+    """Data pointer of a tensor for ctypes (None for None)."""
+    return None if t is None else t.data_ptr()

@@ -19,11 +19,15 @@ import torch.nn.functional as F
 
 from hypernetworks.nn import _fused
 from hypernetworks.nn._sequence import RecurrentLayers, run_cell
-from hypernetworks.nn.lstm import (GateLayerNorm, LSTM, LSTMCell, check_positive, check_probability,
-                                   lstm_update, orthogonal_per_gate_)
+from hypernetworks.nn.lstm import (DROP_IN_NOTES, GateLayerNorm, LSTM, LSTMCell, check_choice, check_eps,
+                                   check_positive, check_probability, check_projection, init_input_weight_,
+                                   lstm_update, orthogonal_per_gate_, reset_norms_, stack_cells)
 
 # The paper's initial weight scale: every d starts at this value (as in recurrent batch norm).
 INITIAL_SCALE = 0.1
+# Which hyper state the z projections read: h_hat_t ("current", the original TensorFlow code and
+# this package's default) or h_hat_{t-1} ("previous", the paper's equations as printed).
+Z_INPUTS = ("current", "previous")
 
 
 class WeightScaling(nn.Module):
@@ -70,17 +74,46 @@ class HyperLSTMCell(nn.Module):
     """An LSTM cell whose weights are rescaled at every step by a small hyper LSTM.
 
     ``forward(input (B, I) or (I,), hx=None) -> (h, c, h_hat, c_hat)``: the main state (h, c)
-    of size ``hidden_size`` and the hyper LSTM's state of size ``hyper_size``. ``hx`` may be
-    that 4-tuple, or nn.LSTMCell's ``(h, c)`` (the hyper state then starts at zero).
+    of size ``hidden_size`` and the hyper LSTM's state of size ``hyper_size``; ``hx`` is that
+    4-tuple or None (zeros).
 
-    ``layer_norm`` normalises every gate pre-activation and the cell (main and hyper LSTM);
-    ``recurrent_dropout`` drops the candidate g (no memory loss) in both, unless
-    ``hyper_recurrent_dropout`` sets the hyper LSTM's own rate.
+    Drop-in for nn.LSTMCell: given nn.LSTMCell's 2-tuple ``hx = (h, c)``, the cell returns a
+    2-tuple ``(h', c_ext)`` where ``h'`` is exactly the main LSTM's new h (what downstream layers
+    read) and ``c_ext = cat([c', h_hat', c_hat'], -1)`` of size ``hidden_size + 2 * hyper_size``
+    carries the main cell and the hyper state, as the original TensorFlow cell concatenated its
+    hyper state into its state. Passing ``(h', c_ext)`` back continues exactly; a ``c`` of size
+    ``hidden_size`` (e.g. the zeros a loop starts from) starts the hyper state at zero. So
+    ``h, c = cell(x_t, (h, c))`` loops written for nn.LSTMCell run unchanged (float64 and
+    closure optimisers such as LBFGS included). Differences from nn.LSTMCell: weights stacked in
+    gate order i, g, f, o with the bias b_0 in ``scaling.bias`` (no ``bias_ih``/``bias_hh``); a
+    dtype other than the parameters' raises a TypeError.
+
+    Options:
+    * ``layer_norm`` normalises every gate pre-activation and the cell (main and hyper LSTM);
+    * ``recurrent_dropout`` drops the candidate g (no memory loss). ``hyper_recurrent_dropout``
+      sets the hyper LSTM's rate; None (the default) uses ``recurrent_dropout`` there too. Chosen
+      deliberately: the paper applies one recurrent keep probability to "the recurrent paths" and
+      names a separate hyper rate only for its largest enwik8 model, so one rate is the plain
+      reading of the paper; the original code instead defaults hyper recurrent dropout off ("not
+      in the paper"), which is ``hyper_recurrent_dropout=0.0``;
+    * ``z_input``: the z projections read the hyper LSTM's new state h_hat_t (``"current"``,
+      the default, as the original TensorFlow code does and as every checkpoint of this package
+      was trained) or h_hat_{t-1} (``"previous"``, the paper's equations as printed; the hyper
+      LSTM then still steps on [h_{t-1}; x_t] and its output acts one step later);
+    * ``layer_norm_eps`` (1e-5; the original code 1e-3) and ``layer_norm_bias`` (True; False gives
+      the original's gain-only norms, the forget bias +1 then a constant after the gate norm),
+      applied to the main and the hyper LSTM;
+    * ``input_init`` for W_x: ``"orthogonal"`` per gate (the paper, default) or
+      ``"xavier_uniform"`` (the original code: TensorFlow's default initialiser, for the main and
+      the hyper LSTM's input weights).
+    The fused fast path covers ``z_input="current"`` with gain-and-bias norms; other settings run
+    the per-step reference path (same results, slower).
     """
 
     def __init__(self, input_size: int, hidden_size: int, hyper_size: int = 128, embedding_size: int = 4,
                  bias: bool = True, layer_norm: bool = False, recurrent_dropout: float = 0.0,
-                 hyper_recurrent_dropout: float | None = None):
+                 hyper_recurrent_dropout: float | None = None, z_input: str = "current",
+                 layer_norm_eps: float = 1e-5, layer_norm_bias: bool = True, input_init: str = "orthogonal"):
         super().__init__()
         self.input_size = check_positive("input_size", input_size)
         self.hidden_size = check_positive("hidden_size", hidden_size)
@@ -90,31 +123,38 @@ class HyperLSTMCell(nn.Module):
         hyper_rd = recurrent_dropout if hyper_recurrent_dropout is None else hyper_recurrent_dropout
         check_probability("hyper_recurrent_dropout", hyper_rd)
         self.layer_norm = bool(layer_norm)
+        self.z_input = check_choice("z_input", z_input, Z_INPUTS)
+        self.layer_norm_eps = check_eps(layer_norm_eps)
+        self.layer_norm_bias = bool(layer_norm_bias)
+        self.input_init = check_choice("input_init", input_init, ("orthogonal", "xavier_uniform"))
         H = hidden_size
         self.weight_ih = nn.Parameter(torch.empty(4 * H, input_size))  # W_x, gates i, g, f, o
         self.weight_hh = nn.Parameter(torch.empty(4 * H, H))           # W_h
         # The hyper LSTM reads [h_{t-1}; x_t]: columns [:H] of its weight_ih see h, [H:] see x.
         self.hyper = LSTMCell(H + input_size, hyper_size, bias=True, layer_norm=layer_norm,
-                              recurrent_dropout=hyper_rd)
+                              recurrent_dropout=hyper_rd, layer_norm_eps=layer_norm_eps,
+                              layer_norm_bias=layer_norm_bias,
+                              input_init="xavier_uniform" if input_init == "xavier_uniform" else "uniform")
         self.scaling = WeightScaling(hyper_size, H, embedding_size, gates=4, bias=bias)
-        self.gate_norm = GateLayerNorm(4, H) if layer_norm else None
-        self.cell_norm = nn.LayerNorm(H) if layer_norm else None
+        self.gate_norm = GateLayerNorm(4, H, self.layer_norm_eps, self.layer_norm_bias) if layer_norm else None
+        self.cell_norm = nn.LayerNorm(H, self.layer_norm_eps, bias=self.layer_norm_bias) if layer_norm else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         H = self.hidden_size
-        orthogonal_per_gate_(self.weight_ih, 4)  # the paper: orthogonal W_x and W_h
+        init_input_weight_(self.weight_ih, self.input_init, 4, H)  # the paper: orthogonal W_x and W_h
         orthogonal_per_gate_(self.weight_hh, 4)
         self.hyper.reset_parameters()
         self.scaling.reset_parameters()
         with torch.no_grad():
             if self.gate_norm is not None:  # forget bias +1 after the norm (see LSTMCell)
-                self.gate_norm.weight.fill_(1.0)
-                self.gate_norm.bias.zero_()
-                self.gate_norm.bias[2].fill_(1.0)
-                self.cell_norm.reset_parameters()
+                reset_norms_(self.gate_norm, self.cell_norm)
+                if self.gate_norm.bias is not None:
+                    self.gate_norm.bias[2].fill_(1.0)
             elif self.scaling.bias is not None:
                 self.scaling.bias[2 * H:3 * H].fill_(1.0)
+
+    fused_supported = property(lambda self: self.z_input == "current" and self.hyper.fused_supported)
 
     state_sizes = property(lambda self: (self.hidden_size, self.hidden_size, self.hyper_size, self.hyper_size))
 
@@ -128,10 +168,11 @@ class HyperLSTMCell(nn.Module):
         H = self.hidden_size
         xw_main, xw_hyper = xw[..., : 4 * H], xw[..., 4 * H:]
         hyper = self.hyper
+        z_source = h_hat  # h_hat_{t-1}, read only when z_input == "previous"
         hyper_pre = xw_hyper + F.linear(h, hyper.weight_ih[:, :H]) + F.linear(h_hat, hyper.weight_hh)
         h_hat, c_hat = lstm_update(hyper_pre, c_hat, hyper.gate_norm, hyper.cell_norm,
                                    hyper.recurrent_dropout, self.training)
-        d_h, d_x, bias = self.scaling(h_hat)
+        d_h, d_x, bias = self.scaling(h_hat if self.z_input == "current" else z_source)
         pre = d_h * F.linear(h, self.weight_hh) + d_x * xw_main + bias
         h, c = lstm_update(pre, c, self.gate_norm, self.cell_norm, self.recurrent_dropout, self.training)
         if record is not None:
@@ -144,44 +185,61 @@ class HyperLSTMCell(nn.Module):
     fused = True
 
     def fused_forward(self, x: torch.Tensor, state):
-        return _fused.hyper_lstm_sequence(self, x, state)
+        return _fused.hyper_lstm_sequence(self, x, state) if self.fused_supported else None
 
     def forward(self, input: torch.Tensor, hx=None):
         return run_cell(self, input, hx)
 
 
 class HyperLSTM(RecurrentLayers):
-    """Multi-layer HyperLSTM, a drop-in for ``torch.nn.LSTM``.
+    __doc__ = """Multi-layer HyperLSTM, a drop-in for ``torch.nn.LSTM``.
 
     ``output, state = m(input, hx=None)`` with input (T, B, I), (B, T, I) when ``batch_first``,
-    unbatched (T, I), or a PackedSequence; ``output`` has nn.LSTM's shape.
+    unbatched (T, I), or a PackedSequence; ``output`` has nn.LSTM's shape (T, B, D * H).
 
-    State format: ``state = (h, c, h_hat, c_hat)`` where ``h`` and ``c`` are the main LSTM's
-    (num_layers, B, hidden_size) tensors exactly as nn.LSTM returns them, and ``h_hat``,
-    ``c_hat`` are each layer's hyper LSTM state, (num_layers, B, hyper_size). Pass it back
-    as ``hx`` to continue a sequence (truncated BPTT); nn.LSTM's ``(h_0, c_0)`` is accepted
-    too, the hyper state then starting at zero. Unbatched input drops the B dimension.
+    State format (the state comes back in the form ``hx`` went in):
+    * ``hx=None`` or the 4-tuple: ``state = (h, c, h_hat, c_hat)`` where ``h`` and ``c`` are the
+      main LSTM's (num_layers * D, B, hidden_size) tensors exactly as nn.LSTM returns them, and
+      ``h_hat``, ``c_hat`` each layer's (and direction's) hyper LSTM state,
+      (num_layers * D, B, hyper_size). Pass it back as ``hx`` to continue a sequence.
+    * nn.LSTM's pair ``(h_0, c_0)``: the state comes back as a pair ``(h_n, c_ext)`` with ``h_n``
+      exactly nn.LSTM's and ``c_ext = cat([c_n, h_hat_n, c_hat_n], -1)`` (size
+      hidden_size + 2 * hyper_size), which continues exactly when passed back; a ``c_0`` of size
+      hidden_size starts the hyper state at zero. Code that carries and detaches
+      ``hidden`` (truncated BPTT) therefore runs unchanged.
+    Unbatched input drops the B dimension.
 
-    ``forward_with_activity`` also returns the per-step scaling vectors for analysis.
-    """
+    Cell options (``hyper_size``, ``embedding_size``, ``layer_norm``, ``recurrent_dropout``,
+    ``hyper_recurrent_dropout``, ``z_input``, ``layer_norm_eps``, ``layer_norm_bias``,
+    ``input_init``) are documented on ``HyperLSTMCell``. ``forward_with_activity`` also returns
+    the per-step scaling vectors for analysis.
+    """ + DROP_IN_NOTES
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
-                 batch_first: bool = False, dropout: float = 0.0, hyper_size: int = 128,
-                 embedding_size: int = 4, layer_norm: bool = False, recurrent_dropout: float = 0.0,
-                 hyper_recurrent_dropout: float | None = None):
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
+                 device=None, dtype=None, hyper_size: int = 128, embedding_size: int = 4, layer_norm: bool = False,
+                 recurrent_dropout: float = 0.0, hyper_recurrent_dropout: float | None = None,
+                 z_input: str = "current", layer_norm_eps: float = 1e-5, layer_norm_bias: bool = True,
+                 input_init: str = "orthogonal"):
         check_positive("input_size", input_size)
         check_positive("hidden_size", hidden_size)
         check_positive("num_layers", num_layers)
-        cells = [HyperLSTMCell(input_size if k == 0 else hidden_size, hidden_size, hyper_size=hyper_size,
-                               embedding_size=embedding_size, bias=bias, layer_norm=layer_norm,
-                               recurrent_dropout=recurrent_dropout,
-                               hyper_recurrent_dropout=hyper_recurrent_dropout)
-                 for k in range(num_layers)]
-        super().__init__(cells, batch_first=batch_first, dropout=dropout)
+        check_projection(proj_size)
+        cells, reverse = stack_cells(
+            lambda n_in: HyperLSTMCell(n_in, hidden_size, hyper_size=hyper_size, embedding_size=embedding_size,
+                                       bias=bias, layer_norm=layer_norm, recurrent_dropout=recurrent_dropout,
+                                       hyper_recurrent_dropout=hyper_recurrent_dropout, z_input=z_input,
+                                       layer_norm_eps=layer_norm_eps, layer_norm_bias=layer_norm_bias,
+                                       input_init=input_init),
+            input_size, hidden_size, num_layers, bidirectional)
+        super().__init__(cells, batch_first=batch_first, dropout=dropout, reverse_cells=reverse)
+        self.bias = bool(bias)
         self.hyper_size = hyper_size
         self.embedding_size = embedding_size
         self.layer_norm = bool(layer_norm)
         self.recurrent_dropout = float(recurrent_dropout)
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
 
 class HyperRNNCell(nn.Module):
@@ -190,8 +248,11 @@ class HyperRNNCell(nn.Module):
         h_hat_t = tanh(W_hat [h_{t-1}; x_t] + U_hat h_hat_{t-1} + b_hat)
         h_t     = tanh(d_h(z) * (W_h h_{t-1}) + d_x(z) * (W_x x_t) + b(z))
 
-    ``forward(input, hx=None) -> (h, h_hat)``.
+    ``forward(input, hx=None) -> (h, h_hat)``; given one tensor ``hx`` (nn.RNNCell's h, or h with
+    h_hat appended), it returns one tensor ``cat([h, h_hat], -1)``.
     """
+
+    tensor_state = True  # the state may travel as one tensor, like nn.RNN's
 
     def __init__(self, input_size: int, hidden_size: int, hyper_size: int = 128, embedding_size: int = 4,
                  bias: bool = True):
@@ -238,14 +299,35 @@ class HyperRNNCell(nn.Module):
 
 
 class HyperRNN(RecurrentLayers):
-    """Multi-layer HyperRNN with nn.RNN's forward contract; state ``(h, h_hat)``."""
+    """Multi-layer HyperRNN with nn.RNN's constructor and forward contract.
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
-                 batch_first: bool = False, dropout: float = 0.0, hyper_size: int = 128, embedding_size: int = 4):
+    ``output, state = m(input, hx=None)``; ``state`` is ``(h, h_hat)`` of shapes
+    (num_layers * D, B, hidden_size) and (num_layers * D, B, hyper_size). Given nn.RNN's tensor
+    ``hx`` (h_0 of hidden_size, the hyper state then starting at zero, or h with h_hat appended),
+    the state comes back as one tensor ``cat([h_n, h_hat_n], -1)``: ``[..., :hidden_size]`` is
+    nn.RNN's h_n, and the whole tensor continues the sequence exactly when passed back.
+    ``nonlinearity`` must be ``"tanh"`` (the paper's HyperRNN); ``bidirectional`` as nn.RNN.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 device=None, dtype=None, hyper_size: int = 128, embedding_size: int = 4):
+        check_positive("input_size", input_size)
+        check_positive("hidden_size", hidden_size)
         check_positive("num_layers", num_layers)
-        cells = [HyperRNNCell(input_size if k == 0 else hidden_size, hidden_size, hyper_size=hyper_size,
-                              embedding_size=embedding_size, bias=bias) for k in range(num_layers)]
-        super().__init__(cells, batch_first=batch_first, dropout=dropout)
+        if nonlinearity != "tanh":
+            raise ValueError(f"nonlinearity must be 'tanh' (the paper's HyperRNN), got {nonlinearity!r}")
+        cells, reverse = stack_cells(
+            lambda n_in: HyperRNNCell(n_in, hidden_size, hyper_size=hyper_size, embedding_size=embedding_size,
+                                      bias=bias),
+            input_size, hidden_size, num_layers, bidirectional)
+        super().__init__(cells, batch_first=batch_first, dropout=dropout, reverse_cells=reverse)
+        self.nonlinearity = nonlinearity
+        self.bias = bool(bias)
+        self.hyper_size = hyper_size
+        self.embedding_size = embedding_size
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
 
 def gate_change_intensity(d_h: torch.Tensor, initial: torch.Tensor | None = None) -> torch.Tensor:
@@ -268,14 +350,23 @@ CELL_KINDS = ("lstm", "ln-lstm", "hyperlstm", "ln-hyperlstm")
 def build_recurrent(cell: str, input_size: int, hidden_size: int, num_layers: int = 1, *,
                     batch_first: bool = False, dropout: float = 0.0, recurrent_dropout: float = 0.0,
                     hyper_size: int = 128, embedding_size: int = 4, bias: bool = True,
-                    hyper_recurrent_dropout: float | None = None) -> RecurrentLayers:
-    """The recurrent stack for an experiment's ``cell`` option: one of ``CELL_KINDS``."""
+                    hyper_recurrent_dropout: float | None = None, z_input: str = "current",
+                    layer_norm_eps: float = 1e-5, layer_norm_bias: bool = True,
+                    input_init: str | None = None) -> RecurrentLayers:
+    """The recurrent stack for an experiment's ``cell`` option: one of ``CELL_KINDS``.
+
+    The hyper-only options (``hyper_size``, ``embedding_size``, ``hyper_recurrent_dropout``,
+    ``z_input``) are ignored by the LSTM cells; ``input_init`` None keeps each cell's default
+    (HyperLSTM: orthogonal, the paper; LSTM: torch's uniform). See ``HyperLSTMCell``."""
     if cell not in CELL_KINDS:
         raise ValueError(f"cell must be one of {', '.join(CELL_KINDS)}; got {cell!r}")
     layer_norm = cell.startswith("ln-")
     common = dict(num_layers=num_layers, bias=bias, batch_first=batch_first, dropout=dropout,
-                  layer_norm=layer_norm, recurrent_dropout=recurrent_dropout)
+                  layer_norm=layer_norm, recurrent_dropout=recurrent_dropout, layer_norm_eps=layer_norm_eps,
+                  layer_norm_bias=layer_norm_bias)
+    if input_init is not None:
+        common["input_init"] = input_init
     if cell.endswith("hyperlstm"):
         return HyperLSTM(input_size, hidden_size, hyper_size=hyper_size, embedding_size=embedding_size,
-                         hyper_recurrent_dropout=hyper_recurrent_dropout, **common)
+                         hyper_recurrent_dropout=hyper_recurrent_dropout, z_input=z_input, **common)
     return LSTM(input_size, hidden_size, **common)

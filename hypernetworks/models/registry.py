@@ -18,6 +18,7 @@ _MODEL_MODULES = (
     "hypernetworks.models.char_lm",
     "hypernetworks.models.handwriting",
     "hypernetworks.models.seq2seq",
+    "hypernetworks.models.vit",
 )
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}

@@ -1,0 +1,146 @@
+"""The CIFAR-10 stand-in comparison of channel-adaptive ViTs (docs/channels.md).
+
+    python benchmarks/channels_standin.py run [NAME ...]   # fit + test each recipe, one at a time
+    python benchmarks/channels_standin.py report            # table (markdown) + docs/channels.png
+
+``run`` trains each ``configs/cifar10-channels-*-cpu.yaml`` recipe through the project's
+command line (``hypernetworks fit`` then ``test`` on ``last.ckpt``), one thread, and records
+under ``results/channels/<recipe>.json`` the test accuracy on every channel subset, the parameter
+counts, the wall time and the machine's load average; a recipe already recorded is skipped.
+``report`` rebuilds the table and the figure from those records only.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results" / "channels"
+RECIPES = [
+    "cifar10-channels-hypernet-vit-cpu",
+    "cifar10-channels-fixed-vit-cpu",
+    "cifar10-channels-channelvit-cpu",
+    "cifar10-channels-hypernet-vit-meta-cpu",
+    "cifar10-channels-loo-green-hypernet-vit-cpu",
+    "cifar10-channels-loo-green-hypernet-vit-meta-cpu",
+]
+SUBSETS = ["red", "green", "blue", "red+green", "red+blue", "green+blue", "red+green+blue"]
+LABEL = {
+    "cifar10-channels-hypernet-vit-cpu": "HyperNet ViT (learned embeddings)",
+    "cifar10-channels-hypernet-vit-meta-cpu": "HyperNet ViT (metadata)",
+    "cifar10-channels-fixed-vit-cpu": "ViT (zero-fill + rescale)",
+    "cifar10-channels-channelvit-cpu": "ChannelViT",
+    "cifar10-channels-loo-green-hypernet-vit-cpu": "no green in training: learned + mean init",
+    "cifar10-channels-loo-green-hypernet-vit-meta-cpu": "no green in training: metadata",
+}
+
+
+def _test_metrics(run_dir: Path) -> dict[str, float]:
+    """The test metrics of the newest CSV log that has them."""
+    for f in sorted((run_dir / "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]),
+                    reverse=True):
+        rows = list(csv.DictReader(open(f)))
+        out = {k: float(v) for r in rows for k, v in r.items() if k.startswith("test_") and v not in ("", None)}
+        if out:
+            return out
+    raise RuntimeError(f"no test metrics under {run_dir}/csv")
+
+
+def _params(recipe: Path) -> dict[str, int]:
+    import yaml
+
+    from hypernetworks.models.registry import create_model
+    from hypernetworks.nn.static import parameter_report
+
+    args = yaml.safe_load(recipe.read_text())["model"]["init_args"]
+    return parameter_report(create_model(args["model"], **(args.get("model_args") or {})))
+
+
+def run(names: list[str]) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for name in names or RECIPES:
+        out = RESULTS / f"{name}.json"
+        if out.exists():
+            print(f"{name}: recorded already ({out})")
+            continue
+        recipe = ROOT / "configs" / f"{name}.yaml"
+        cli = [sys.executable, "-m", "hypernetworks.cli"]
+        load0, t0 = os.getloadavg(), time.time()
+        subprocess.run([*cli, "fit", "--config", str(recipe)], check=True, env=env, cwd=ROOT)
+        t1 = time.time()
+        ckpt = ROOT / "runs" / name / "checkpoints" / "last.ckpt"
+        subprocess.run([*cli, "test", "--config", str(recipe), "--ckpt_path", str(ckpt)], check=True, env=env, cwd=ROOT)
+        t2 = time.time()
+        record = {
+            "recipe": f"configs/{name}.yaml", "label": LABEL.get(name, name),
+            "test": _test_metrics(ROOT / "runs" / name), "params": _params(recipe),
+            "fit_seconds": round(t1 - t0, 1), "test_seconds": round(t2 - t1, 1),
+            "load_average_start": [round(x, 2) for x in load0],
+            "load_average_end": [round(x, 2) for x in os.getloadavg()],
+            "machine": f"{os.cpu_count()} CPU cores, one torch thread (OMP_NUM_THREADS=1)",
+            "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        }
+        out.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"{name}: {record['test']}")
+
+
+def report() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hypernetworks.viz.figures import save_figure
+
+    records = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
+    if not records:
+        raise SystemExit(f"no records in {RESULTS}; run `python {Path(__file__).name} run` first")
+    head = "| model | params | " + " | ".join(s.replace("+", " + ") for s in SUBSETS) + " | mean |"
+    print(head)
+    print("|---|---:|" + "---:|" * (len(SUBSETS) + 1))
+    for name in [n for n in RECIPES if n in records]:
+        r = records[name]
+        accs = [r["test"].get(f"test_acc/{s}") for s in SUBSETS]
+        cells = [f"{100 * a:.1f}" if a is not None else "-" for a in accs]
+        mean = sum(a for a in accs if a is not None) / max(1, sum(a is not None for a in accs))
+        print(f"| {r['label']} | {r['params']['total']:,} | " + " | ".join(cells) + f" | {100 * mean:.1f} |")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [4, 2]})
+    groups = [("comparison (all three channels in training)", [n for n in RECIPES[:4] if n in records], axes[0]),
+              ("leave green out of training", [n for n in RECIPES[4:] if n in records], axes[1])]
+    for title, names, ax in groups:
+        subsets = SUBSETS if "comparison" in title else ["green", "red+green", "green+blue", "red+green+blue", "red+blue"]
+        width = 0.8 / max(1, len(names))
+        for j, name in enumerate(names):
+            vals = [100 * records[name]["test"].get(f"test_acc/{s}", float("nan")) for s in subsets]
+            ax.bar([i + j * width for i in range(len(subsets))], vals, width, label=records[name]["label"])
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(subsets))])
+        ax.set_xticklabels([s.replace("red", "R").replace("green", "G").replace("blue", "B").replace("+", "") for s in subsets])
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7, loc="lower right")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("CIFAR-10 as a 3-channel stand-in: accuracy per channel subset (tiny ViTs, 1,500 steps, CPU)", fontsize=10)
+    fig.tight_layout()
+    print(f"wrote {save_figure(fig, ROOT / 'docs' / 'channels.png', dpi=110)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("names", nargs="*", help=f"recipes to run (default: {', '.join(RECIPES)})")
+    sub.add_parser("report")
+    args = p.parse_args(argv)
+    run(args.names) if args.cmd == "run" else report()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

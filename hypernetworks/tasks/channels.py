@@ -1,0 +1,170 @@
+"""Classification with channel-adaptive models: channel sampling in training, per-subset testing.
+
+    model: {class_path: hypernetworks.tasks.channels.ChannelClassifier,
+            init_args: {model: hypernet-vit-tiny-p4, channel_sampling: hierarchical,
+                        eval_subsets: all}}
+
+The model must take ``model(x, channels)`` (the ``ChannelAdaptiveViT`` family). A batch is
+``(x, y)``, whose channels are ``data_channels`` (default: the model's channels, in order), or
+``(x, y, names)`` when the dataset says per batch which channels it carries (CHAMMI).
+
+* Training: only ``train_channels`` are used (default: all of the batch's); with
+  ``channel_sampling="hierarchical"`` every batch keeps a random subset of them (ChannelViT's
+  hierarchical channel sampling: subset size uniform, then the subset uniform).
+* Validation: on all training channels (``val_acc``).
+* Test: ``test_acc`` on all of the data's channels, plus ``test_acc/<a+b+..>`` for every subset
+  in ``eval_subsets`` ("all": every non-empty subset; "full": none extra; or a list of lists of
+  names). Channels the model knows but never trained on (a leave-one-channel-out run) are given
+  the mean of the trained channels' embeddings before testing (``model.init_unseen_channels``;
+  metadata-conditioned models compute theirs from the channel's description instead).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import Tensor
+
+from hypernetworks.nn.channels import channel_subsets, sample_channels
+from hypernetworks.tasks.classification import ImageClassifier
+
+__all__ = ["ChannelClassifier"]
+
+_MAX_ALL_SUBSETS = 10  # "all" on more channels than this would be > 1023 test passes
+
+
+def _subset_key(names: Sequence[str]) -> str:
+    return "+".join(names)
+
+
+class ChannelClassifier(ImageClassifier):
+    """ImageClassifier for models that take ``(x, channels)``.
+
+    Args (beyond ImageClassifier's):
+        channel_sampling: "hierarchical" or "none".
+        train_channels: names of the channels training may use (default: all the data's).
+        data_channels: names of the channels in a 2-tuple batch, in order (default: the model's).
+        eval_subsets: "all", "full", or a list of channel-name lists to test on besides the full set.
+    """
+
+    def __init__(self, model: str = "hypernet-vit-tiny-p4", model_args: dict[str, Any] | None = None,
+                 optimizer: str = "adam", lr: float = 1e-3, lr_milestones: list[int] | None = None,
+                 lr_values: list[float] | None = None, weight_decay: float = 0.0, num_classes: int = 10,
+                 channel_sampling: str = "hierarchical", train_channels: list[str] | None = None,
+                 data_channels: list[str] | None = None, eval_subsets: str | list[list[str]] = "all") -> None:
+        super().__init__(model, model_args, optimizer, lr, lr_milestones, lr_values, weight_decay, num_classes)
+        if channel_sampling not in ("hierarchical", "none"):
+            raise ValueError(f"channel_sampling must be 'hierarchical' or 'none', got {channel_sampling!r}")
+        known = list(self.model.channel_names)
+        self.data_channels = list(data_channels) if data_channels is not None else known
+        for arg, names in (("data_channels", self.data_channels), ("train_channels", train_channels or [])):
+            bad = [c for c in names if c not in known]
+            if bad:
+                raise ValueError(f"{arg} has channels {bad} that the model does not know ({', '.join(known)})")
+        if train_channels is not None and not train_channels:
+            raise ValueError("train_channels is empty")
+        self.train_channels = list(train_channels) if train_channels is not None else None
+        if eval_subsets == "all":
+            if len(self.data_channels) > _MAX_ALL_SUBSETS:
+                raise ValueError(f"eval_subsets='all' on {len(self.data_channels)} channels is "
+                                 f"{2 ** len(self.data_channels) - 1} subsets; list the subsets to test instead")
+            subsets = channel_subsets(self.data_channels)
+        elif eval_subsets == "full":
+            subsets = []
+        elif isinstance(eval_subsets, (list, tuple)) and all(isinstance(s, (list, tuple)) and s for s in eval_subsets):
+            subsets = [list(s) for s in eval_subsets]
+            for s in subsets:
+                bad = [c for c in s if c not in known]
+                if bad:
+                    raise ValueError(f"eval_subsets entry {s} has unknown channels {bad}")
+        else:
+            raise ValueError(f"eval_subsets must be 'all', 'full' or a list of channel-name lists, got {eval_subsets!r}")
+        self.eval_subsets = subsets
+        metric = lambda: torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")  # noqa: E731
+        # ModuleDict keys may not contain "."; the logged name keeps the channel names as given.
+        self._subset_keys = {_subset_key(s): re.sub(r"[^0-9A-Za-z_+-]", "_", _subset_key(s)) for s in subsets}
+        self.subset_acc = torch.nn.ModuleDict({k: metric() for k in self._subset_keys.values()})
+        self._unseen_done = False
+
+    # ------------------------------------------------------------------------ helpers
+
+    def forward(self, x: Tensor, channels: Sequence[str] | None = None) -> Tensor:
+        return self.model(x, channels)
+
+    def _unpack(self, batch) -> tuple[Tensor, Tensor, list[str]]:
+        if len(batch) == 3:
+            x, y, names = batch
+            names = list(names)
+        else:
+            x, y = batch
+            names = self.data_channels
+        if x.shape[1] != len(names):
+            raise ValueError(f"batch has {x.shape[1]} channels but its channel names are {names}")
+        return x, y, names
+
+    @staticmethod
+    def _select(x: Tensor, names: list[str], keep: Sequence[str]) -> Tensor:
+        missing = [c for c in keep if c not in names]
+        if missing:
+            raise ValueError(f"channels {missing} are not in this batch (it has {names})")
+        return x[:, [names.index(c) for c in keep]]
+
+    def _train_names(self, names: list[str]) -> list[str]:
+        if self.train_channels is None:
+            return names
+        return [c for c in names if c in self.train_channels]
+
+    # -------------------------------------------------------------------------- steps
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        x, y, names = self._unpack(batch)
+        use = self._train_names(names)
+        if not use:
+            raise ValueError(f"a training batch has none of the train_channels {self.train_channels} (it has {names})")
+        if self.hparams.channel_sampling == "hierarchical":
+            use = [use[i] for i in sample_channels(len(use))]
+        logits = self(self._select(x, names, use), use)
+        loss = F.cross_entropy(logits, y)
+        self.train_acc(logits, y)
+        self.log("train_loss", loss, prog_bar=True)
+        self.log("train_acc", self.train_acc, on_step=True, on_epoch=False)
+        if self.hparams.weight_decay:
+            loss = loss + 0.5 * self.hparams.weight_decay * self._l2()
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y, names = self._unpack(batch)
+        use = self._train_names(names)
+        logits = self(self._select(x, names, use), use)
+        self.val_acc(logits, y)
+        self.log("val_loss", F.cross_entropy(logits, y), prog_bar=True)
+        self.log("val_acc", self.val_acc, prog_bar=True)
+
+    def unseen_channels(self) -> list[str]:
+        """Channels the model knows that training never used."""
+        if self.train_channels is None:
+            return []
+        return [c for c in self.model.channel_names if c not in self.train_channels]
+
+    def on_test_start(self) -> None:
+        unseen = self.unseen_channels()
+        if unseen and not self._unseen_done and hasattr(self.model, "init_unseen_channels"):
+            self.model.init_unseen_channels(unseen, known=self.train_channels)
+            self._unseen_done = True
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        x, y, names = self._unpack(batch)
+        logits = self(x, names)
+        self.test_acc(logits, y)
+        self.log("test_loss", F.cross_entropy(logits, y))
+        self.log("test_acc", self.test_acc, prog_bar=True)
+        for subset in self.eval_subsets:
+            if not all(c in names for c in subset):
+                continue  # a batch of another sub-dataset (CHAMMI) does not carry this subset
+            key = self._subset_keys[_subset_key(subset)]
+            acc = self.subset_acc[key]
+            acc(self(self._select(x, names, subset), subset), y)
+            self.log(f"test_acc/{_subset_key(subset)}", acc)

@@ -1,0 +1,281 @@
+"""Channel-adaptive hypernetworks: the generated patch projection against a per-channel reference,
+any subset and order of channels, unseen channels (mean init, metadata), sampling, the three ViT
+stems, gradients, errors, and the channel-sampling task end to end."""
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Trainer
+from torch.utils.data import DataLoader, TensorDataset
+
+from hypernetworks import create_model, list_models
+from hypernetworks.models.vit import ChannelAdaptiveViT
+from hypernetworks.nn.channels import ChannelHyperPatchEmbed, channel_subsets, resolve_channels, sample_channels
+from hypernetworks.nn.static import parameter_report
+from hypernetworks.tasks.channels import ChannelClassifier
+
+NAMES = ["red", "green", "blue"]
+META = {"red": [605.0, 90.0], "green": [535.0, 90.0], "blue": [465.0, 80.0]}
+
+
+def _reference(embed: ChannelHyperPatchEmbed, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """The layer written out channel by channel: W_c = G(z_c) from the generator's own equations
+    (a_c = W_1 z_c + B_1, W_c = W_out a_c + B_out), one conv per channel, averaged."""
+    g, p = embed.generator, embed.patch_size
+    out = 0
+    for j, name in enumerate(names):
+        z = embed.embeddings(torch.tensor([embed.channel_names.index(name)]))[0]
+        a = g.w_in[0] @ z + g.b_in[0]
+        w = (g.w_out @ a + g.b_out).view(embed.embed_dim, 1, p, p)
+        out = out + F.conv2d(x[:, j:j + 1], w, stride=p)
+    return out / len(names) + embed.bias.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("metadata", [None, META], ids=["learned", "metadata"])
+def test_projection_matches_per_channel_reference_for_every_subset_and_order(metadata):
+    torch.manual_seed(0)
+    embed = ChannelHyperPatchEmbed(NAMES, embed_dim=6, patch_size=2, embedding_size=5, hidden_size=4, metadata=metadata)
+    torch.nn.init.normal_(embed.bias)
+    x = torch.randn(2, 3, 4, 4)
+    for subset in channel_subsets(NAMES):
+        for order in itertools.permutations(subset):
+            cols = [NAMES.index(c) for c in order]
+            y = embed(x[:, cols], list(order))
+            assert y.shape == (2, 6, 2, 2)
+            torch.testing.assert_close(y, _reference(embed, x[:, cols], list(order)))
+    # indices work as names do, and None means all channels in order
+    torch.testing.assert_close(embed(x, [0, 1, 2]), embed(x, NAMES))
+    torch.testing.assert_close(embed(x), embed(x, NAMES))
+
+
+def test_kernels_come_from_one_generator_call():
+    embed = ChannelHyperPatchEmbed(NAMES, embed_dim=4, patch_size=2, embedding_size=3)
+    calls = []
+    embed.generator.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
+    embed(torch.randn(1, 2, 4, 4), ["blue", "red"])
+    assert calls == [torch.Size([2, 3])]
+
+
+@pytest.mark.parametrize("metadata", [None, META], ids=["learned", "metadata"])
+def test_gradcheck_float64(metadata):
+    torch.manual_seed(0)
+    embed = ChannelHyperPatchEmbed(NAMES, embed_dim=3, patch_size=2, embedding_size=3, hidden_size=2,
+                                   metadata=metadata, metadata_hidden=4, metadata_frequencies=1).double()
+    x = torch.randn(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    params = [p for p in embed.parameters()]
+    names = [n for n, _ in embed.named_parameters()]
+
+    def f(x, *ps):
+        for n, p in zip(names, ps):  # route the parameters through the check
+            mod, _, attr = n.rpartition(".")
+            target = embed.get_submodule(mod) if mod else embed
+            target._parameters[attr] = p
+        return embed(x, ["green", "red"])
+
+    inputs = (x, *[p.detach().clone().requires_grad_(True) for p in params])
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5)
+
+
+def _train_tiny(stem: str, steps: int = 30, **kw) -> ChannelAdaptiveViT:
+    """A few steps of channel-sampled training on a learnable toy task (the class is which
+    channel's mean is largest), so the checks below run on a trained model, not an initial one."""
+    torch.manual_seed(0)
+    model = ChannelAdaptiveViT(NAMES, stem=stem, num_classes=3, img_size=8, patch_size=4, embed_dim=16, depth=1,
+                               num_heads=2, embedding_size=8, **kw)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        x = torch.randn(16, 3, 8, 8)
+        y = torch.randint(0, 3, (16,))
+        x[torch.arange(16), y] += 1.0
+        keep = sample_channels(3)
+        loss = F.cross_entropy(model(x[:, keep], [NAMES[i] for i in keep]), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("stem,kw", [("hyper", {}), ("hyper", {"metadata": META}), ("fixed", {}), ("channelvit", {})],
+                         ids=["hyper-learned", "hyper-metadata", "fixed", "channelvit"])
+def test_trained_model_answers_every_subset_and_permutation_invariantly(stem, kw):
+    model = _train_tiny(stem, **kw)
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        for subset in channel_subsets(NAMES):
+            cols = [NAMES.index(c) for c in subset]
+            ref = model(x[:, cols], subset)
+            assert ref.shape == (4, 3) and torch.isfinite(ref).all()
+            for order in itertools.permutations(range(len(subset))):
+                names = [subset[i] for i in order]
+                # the same channels, shuffled together with their names: the same answer
+                torch.testing.assert_close(model(x[:, [cols[i] for i in order]], names), ref, atol=1e-5, rtol=1e-5)
+        # the names matter: the same pixels under swapped names give another answer
+        assert not torch.allclose(model(x, ["blue", "green", "red"]), model(x, NAMES), atol=1e-4)
+
+
+def test_learned_unseen_channel_gets_mean_of_known_embeddings():
+    embed = ChannelHyperPatchEmbed(NAMES, embed_dim=4, patch_size=2, embedding_size=3)
+    z = embed.channel_embedding.detach().clone()
+    embed.init_unseen_channels(["green"], known=["red", "blue"])
+    torch.testing.assert_close(embed.channel_embedding[1], (z[0] + z[2]) / 2)
+    torch.testing.assert_close(embed.channel_embedding[[0, 2]], z[[0, 2]])  # known ones untouched
+    # a brand-new channel starts at the mean of all existing embeddings and is usable at once
+    i = embed.add_channel("nir")
+    assert i == 3 and embed.channel_names[-1] == "nir"
+    torch.testing.assert_close(embed.channel_embedding[3], embed.channel_embedding[:3].mean(0))
+    assert embed(torch.randn(1, 2, 4, 4), ["nir", "red"]).shape == (1, 4, 2, 2)
+    with pytest.raises(ValueError, match="already known"):
+        embed.add_channel("red")
+    with pytest.raises(ValueError, match="metadata"):
+        embed.add_channel("swir", metadata=[1600.0, 90.0])
+
+
+def test_metadata_conditioning_gives_an_unseen_channel_weights_from_its_description():
+    torch.manual_seed(0)
+    embed = ChannelHyperPatchEmbed(NAMES, embed_dim=4, patch_size=2, embedding_size=3, metadata=META)
+    embed.add_channel("nir", metadata=[850.0, 100.0])
+    k = embed.kernels(torch.tensor([3]))
+    expect = embed.generator(embed.metadata_encoder(torch.tensor([[850.0, 100.0]])))
+    torch.testing.assert_close(k, expect.squeeze(2).transpose(0, 1))
+    # a different description gives different weights; the same one the same weights
+    embed.add_channel("nir2", metadata=[850.0, 100.0])
+    embed.add_channel("swir", metadata=[1610.0, 90.0])
+    torch.testing.assert_close(embed.kernels(torch.tensor([4])), k)
+    assert not torch.allclose(embed.kernels(torch.tensor([5])), k)
+    embed.init_unseen_channels(["green"])  # nothing to do: metadata decides
+    with pytest.raises(ValueError, match="needs the channel's metadata"):
+        embed.add_channel("x")
+    with pytest.raises(ValueError, match="numbers"):
+        embed.add_channel("y", metadata=[1.0])
+
+
+def test_fixed_stem_is_zero_fill_and_rescale():
+    torch.manual_seed(0)
+    model = ChannelAdaptiveViT(NAMES, stem="fixed", img_size=8, patch_size=4, embed_dim=8, depth=1, num_heads=2)
+    x = torch.randn(2, 3, 8, 8)
+    full = torch.zeros_like(x)
+    full[:, 2] = x[:, 2] * 3.0
+    torch.testing.assert_close(model.stem(x[:, [2]], ["blue"]), model.stem.proj(full))
+    # untrained slices take the mean of the trained ones
+    model.init_unseen_channels(["green"], known=["red", "blue"])
+    w = model.stem.proj.weight
+    torch.testing.assert_close(w[:, 1], (w[:, 0] + w[:, 2]) / 2)
+
+
+def test_channelvit_has_one_token_per_channel_and_patch():
+    model = ChannelAdaptiveViT(NAMES, stem="channelvit", img_size=8, patch_size=4, embed_dim=8, depth=1, num_heads=2)
+    x = torch.randn(2, 3, 8, 8)
+    assert model.tokens(x, NAMES).shape == (2, 3 * 4, 8)
+    assert model.tokens(x[:, :1], ["red"]).shape == (2, 4, 8)
+    model.init_unseen_channels(["blue"])
+    e = model.stem.channel_embedding
+    torch.testing.assert_close(e[2], e[:2].mean(0))
+
+
+def test_hierarchical_sampling_covers_subset_sizes_uniformly():
+    g = torch.Generator().manual_seed(0)
+    draws = [sample_channels(4, g) for _ in range(4000)]
+    assert all(d == sorted(set(d)) and 1 <= len(d) <= 4 and all(0 <= i < 4 for i in d) for d in draws)
+    sizes = Counter(len(d) for d in draws)
+    assert all(abs(sizes[k] / 4000 - 0.25) < 0.03 for k in range(1, 5)), sizes
+    singles = Counter(d[0] for d in draws if len(d) == 1)
+    assert all(abs(singles[i] / sizes[1] - 0.25) < 0.06 for i in range(4)), singles
+    assert channel_subsets(["a", "b"]) == [["a"], ["b"], ["a", "b"]]
+    assert len(channel_subsets(NAMES)) == 7
+
+
+def test_bad_channel_arguments_raise_clear_errors():
+    embed = ChannelHyperPatchEmbed(NAMES, embed_dim=4, patch_size=2, embedding_size=3)
+    x = torch.randn(1, 2, 4, 4)
+    with pytest.raises(ValueError, match="unknown channel 'nir'"):
+        embed(x, ["red", "nir"])
+    with pytest.raises(ValueError, match="duplicate"):
+        embed(x, ["red", "red"])
+    with pytest.raises(ValueError, match="names 3 channels but the input has 2"):
+        embed(x, NAMES)
+    with pytest.raises(ValueError, match="channels=None"):
+        embed(x)
+    with pytest.raises(ValueError, match="out of range"):
+        embed(x, [0, 7])
+    with pytest.raises(TypeError, match="string"):
+        resolve_channels(NAMES, "red", 1)
+    with pytest.raises(ValueError, match="empty"):
+        resolve_channels(NAMES, [], 0)
+    with pytest.raises(ValueError, match="channels must be"):
+        ChannelHyperPatchEmbed([], embed_dim=4, patch_size=2)
+    with pytest.raises(ValueError, match="duplicate"):
+        ChannelHyperPatchEmbed(["a", "a"], embed_dim=4, patch_size=2)
+    with pytest.raises(ValueError, match="no entry for channels"):
+        ChannelHyperPatchEmbed(NAMES, embed_dim=4, patch_size=2, metadata={"red": [1.0]})
+    with pytest.raises(ValueError, match="reduction"):
+        ChannelHyperPatchEmbed(NAMES, embed_dim=4, patch_size=2, reduction="max")
+    with pytest.raises(ValueError, match="stem"):
+        ChannelAdaptiveViT(NAMES, stem="conv")
+    with pytest.raises(ValueError, match="metadata conditioning needs stem='hyper'"):
+        ChannelAdaptiveViT(NAMES, stem="fixed", metadata=META)
+    with pytest.raises(ValueError, match=r"x must be \(B, C, 8, 8\)"):
+        ChannelAdaptiveViT(NAMES, img_size=8, patch_size=4, embed_dim=8, num_heads=2)(torch.randn(1, 3, 16, 16))
+
+
+def test_registered_models_and_matched_tiny_budgets():
+    names = list_models("*vit*")
+    for prefix in ("hypernet-vit", "fixed-vit", "channelvit"):
+        for size in ("s16", "s8", "tiny-p4"):
+            assert f"{prefix}-{size}" in names
+    totals = {n: parameter_report(create_model(n))["total"]
+              for n in ("hypernet-vit-tiny-p4", "fixed-vit-tiny-p4", "channelvit-tiny-p4")}
+    assert max(totals.values()) / min(totals.values()) < 1.10, totals  # the comparison's "same budget"
+    m = create_model("hypernet-vit-tiny-p4", channels=["a", "b"], num_classes=5)
+    assert m(torch.randn(2, 1, 32, 32), ["b"]).shape == (2, 5)
+    with torch.device("meta"):
+        s16 = create_model("hypernet-vit-s16", channels=[f"c{i}" for i in range(8)], num_classes=161)
+    assert s16.stem.generator.out_size == 384 and s16.stem.patch_size == 16
+
+
+def _loader(n: int, seed: int) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = torch.randn(n, 3, 8, 8, generator=g)
+    x[torch.arange(n), y] += 1.0
+    return DataLoader(TensorDataset(x, y), batch_size=16)
+
+
+def test_task_trains_with_sampling_and_tests_every_subset_leave_one_out(tmp_path):
+    torch.manual_seed(0)
+    task = ChannelClassifier(
+        "hypernet-vit-tiny-p4", model_args=dict(img_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=3),
+        num_classes=3, lr=3e-3, train_channels=["red", "blue"], eval_subsets="all")
+    assert task.unseen_channels() == ["green"]
+    seen = []
+    orig = task.model.forward
+    task.model.forward = lambda x, channels=None: (seen.append(tuple(channels)), orig(x, channels))[1]
+    trainer = Trainer(max_steps=12, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=0, accelerator="cpu")
+    trainer.fit(task, train_dataloaders=_loader(192, 0))
+    assert seen and all(set(s) <= {"red", "blue"} for s in seen)  # green never used in training
+    assert len(set(seen)) > 1  # subsets vary from batch to batch
+    emb = task.model.stem.channel_embedding
+    trained_mean = emb[[0, 2]].detach().mean(0)
+    task.model.forward = orig
+    metrics = trainer.test(task, dataloaders=_loader(64, 1), verbose=False)[0]
+    torch.testing.assert_close(emb[1].detach(), trained_mean)  # green: the mean of the trained embeddings
+    for subset in channel_subsets(NAMES):
+        assert 0.0 <= metrics[f"test_acc/{'+'.join(subset)}"] <= 1.0
+    assert metrics["test_acc"] == pytest.approx(metrics["test_acc/red+green+blue"])
+    assert task.hparams.train_channels == ["red", "blue"]  # saved for load_task
+
+
+def test_task_argument_errors():
+    with pytest.raises(ValueError, match="channel_sampling"):
+        ChannelClassifier(channel_sampling="dropout")
+    with pytest.raises(ValueError, match="train_channels has channels"):
+        ChannelClassifier(train_channels=["nir"])
+    with pytest.raises(ValueError, match="eval_subsets"):
+        ChannelClassifier(eval_subsets="some")
+    with pytest.raises(ValueError, match="list the subsets"):
+        ChannelClassifier(model_args=dict(channels=[f"b{i}" for i in range(11)]), eval_subsets="all")

@@ -12,3 +12,7 @@ from hypernetworks.nn.static import (  # noqa: E402  (static hypernetworks for C
 )
 __all__ += ["KernelGenerator", "HyperConv2d", "batched_kernels", "generate_kernels", "materialise",
             "parameter_report"]
+from hypernetworks.nn.channels import (  # noqa: E402  (channel-adaptive first layers, issue 11)
+    ChannelHyperPatchEmbed, channel_subsets, sample_channels,
+)
+__all__ += ["ChannelHyperPatchEmbed", "sample_channels", "channel_subsets"]

@@ -11,15 +11,25 @@ GATES = "igfo"
 
 
 def _ln(a, weight, bias, eps=1e-5):
+    """LN(a) = gain * (a - mean) / sqrt(var + eps) + bias; bias None: gain only (original code)."""
     mu = a.mean(-1, keepdim=True)
     var = a.var(-1, unbiased=False, keepdim=True)
-    return (a - mu) / torch.sqrt(var + eps) * weight + bias
+    out = (a - mu) / torch.sqrt(var + eps) * weight
+    return out if bias is None else out + bias
+
+
+def _gate_ln(cell, a, k):
+    """Gate k's norm; a gain-only norm adds the constant forget bias +1 after it (original code)."""
+    norm = cell.gate_norm
+    out = _ln(a, norm.weight[k], None if norm.bias is None else norm.bias[k], norm.eps)
+    return out + 1.0 if norm.bias is None and GATES[k] == "f" else out
 
 
 def _ref_state_update(cell, pre: dict, c):
     """c_t = sigma(f) c_{t-1} + sigma(i) tanh(g); h_t = sigma(o) tanh(LN(c_t))."""
     c = torch.sigmoid(pre["f"]) * c + torch.sigmoid(pre["i"]) * torch.tanh(pre["g"])
-    cn = _ln(c, cell.cell_norm.weight, cell.cell_norm.bias) if cell.cell_norm is not None else c
+    n = cell.cell_norm
+    cn = _ln(c, n.weight, n.bias, n.eps) if n is not None else c
     h = torch.sigmoid(pre["o"]) * torch.tanh(cn)
     return h, c
 
@@ -34,16 +44,20 @@ def ref_lstm_step(cell, x, h, c):
         if cell.bias is not None:
             a = a + cell.bias[rows]
         if cell.gate_norm is not None:
-            a = _ln(a, cell.gate_norm.weight[k], cell.gate_norm.bias[k])
+            a = _gate_ln(cell, a, k)
         pre[y] = a
     return _ref_state_update(cell, pre, c)
 
 
 def ref_hyper_lstm_step(cell, x, h, c, h_hat, c_hat):
-    """The HyperLSTM step exactly as PAPER.md writes it, per gate y in {i, g, f, o}."""
+    """The HyperLSTM step exactly as PAPER.md writes it, per gate y in {i, g, f, o}.
+
+    The z projections read h_hat_t (``z_input="current"``) or h_hat_{t-1} (``"previous"``)."""
     H, Nz = cell.hidden_size, cell.embedding_size
+    h_hat_prev = h_hat
     # 1. the hyper LSTM reads x_hat = [h_{t-1}; x_t] and steps first
     h_hat, c_hat = ref_lstm_step(cell.hyper, torch.cat([h, x], -1), h_hat, c_hat)
+    z_in = h_hat if getattr(cell, "z_input", "current") == "current" else h_hat_prev
     s = cell.scaling
     pre = {}
     for k, y in enumerate(GATES):
@@ -52,9 +66,9 @@ def ref_hyper_lstm_step(cell, x, h, c, h_hat, c_hat):
         W_xz = s.z_weight[4 * Nz + k * Nz:4 * Nz + (k + 1) * Nz]
         b_xz = s.z_bias[4 * Nz + k * Nz:4 * Nz + (k + 1) * Nz]
         W_bz = s.z_weight[8 * Nz + k * Nz:8 * Nz + (k + 1) * Nz]
-        z_h = h_hat @ W_hz.T + b_hz
-        z_x = h_hat @ W_xz.T + b_xz
-        z_b = h_hat @ W_bz.T
+        z_h = z_in @ W_hz.T + b_hz
+        z_x = z_in @ W_xz.T + b_xz
+        z_b = z_in @ W_bz.T
         d_h = z_h @ s.d_weight[0, k].T
         d_x = z_x @ s.d_weight[1, k].T
         b = z_b @ s.d_weight[2, k].T
@@ -64,7 +78,7 @@ def ref_hyper_lstm_step(cell, x, h, c, h_hat, c_hat):
         W_x = cell.weight_ih[k * H:(k + 1) * H]
         a = d_h * (h @ W_h.T) + d_x * (x @ W_x.T) + b
         if cell.gate_norm is not None:
-            a = _ln(a, cell.gate_norm.weight[k], cell.gate_norm.bias[k])
+            a = _gate_ln(cell, a, k)
         pre[y] = a
     h, c = _ref_state_update(cell, pre, c)
     return h, c, h_hat, c_hat
@@ -104,6 +118,35 @@ def ref_layers(module, x, hyper: bool):
         x = torch.stack(outs)
         finals.append((h, c, hh, hc) if hyper else (h, c))
     return x, tuple(torch.stack(p) for p in zip(*finals))
+
+
+def _ref_run(cell, x, hyper: bool):
+    """One cell over one unbatched sequence x (T, I) from zero state -> (outputs (T, H), final state)."""
+    h = x.new_zeros(1, cell.hidden_size)
+    state = (h, torch.zeros_like(h)) + ((x.new_zeros(1, cell.hyper_size),) * 2 if hyper else ())
+    outs = []
+    for t in range(x.size(0)):
+        step = ref_hyper_lstm_step if hyper else ref_lstm_step
+        state = step(cell, x[t:t + 1], *state)
+        outs.append(state[0][0])
+    return torch.stack(outs), tuple(s[0] for s in state)
+
+
+def ref_bidirectional(module, seqs, hyper: bool):
+    """A bidirectional stack over a list of unbatched sequences, each on its own (no padding):
+    the forward cell reads the sequence, the reverse cell reads it reversed and its outputs are
+    reversed back; layer k + 1 reads both halves. Returns per sequence (outputs (T, 2H), final
+    state tuple of (2 * num_layers, size) tensors in nn.LSTM's layer * 2 + direction order)."""
+    results = []
+    for x in seqs:
+        finals = []
+        for fwd, bwd in zip(module.cells, module.cells_reverse):
+            out_f, fin_f = _ref_run(fwd, x, hyper)
+            out_b, fin_b = _ref_run(bwd, x.flip(0), hyper)
+            x = torch.cat([out_f, out_b.flip(0)], dim=-1)
+            finals += [fin_f, fin_b]
+        results.append((x, tuple(torch.stack(p) for p in zip(*finals))))
+    return results
 
 
 def torch_lstm_weights_to_igfo(w: torch.Tensor) -> torch.Tensor:

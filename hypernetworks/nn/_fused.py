@@ -45,7 +45,9 @@ def fused_enabled(cell, x: torch.Tensor) -> bool:
     eager ``step``: the fused path's per-call set-up (concatenated and permuted weights) would cost
     more than it saves there."""
     return (bool(getattr(cell, "fused", True)) and os.environ.get(ENV_VAR, "1") not in ("0", "false", "False")
-            and x.size(0) > 1 and x.dtype in (torch.float32, torch.float64))
+            and x.size(0) > 1 and x.dtype in (torch.float32, torch.float64)
+            # a cell's non-default switches (z from h_hat_{t-1}, gain-only norms) are eager-only
+            and bool(getattr(cell, "fused_supported", True)))
 
 
 # -- matrix products --------------------------------------------------------------------------
@@ -223,8 +225,9 @@ class _Kernels:
         self.hyper_fwd = getattr(lib, f"hyper_pre_fwd_{sfx}")
         self.hyper_bwd = getattr(lib, f"hyper_pre_bwd_{sfx}")
 
-    def cell_fwd(self, t, pre, add1, add2, sv: _Saved, norms, eps, mask, h_out):
-        B, S = sv.c.shape[1:]
+    def cell_fwd(self, t, B, pre, add1, add2, sv: _Saved, norms, eps, mask, h_out):
+        """Step t on the first B rows (the active ones of a packed batch)."""
+        S = sv.c.size(-1)
         gw, gb, cw, cb = norms
         ln = sv.ln
         self._fwd(B, S, _p(pre), pre.stride(0), _p(add1), 0 if add1 is None else add1.stride(0),
@@ -233,9 +236,9 @@ class _Kernels:
                   _p(h_out), h_out.stride(0), _p(sv.gx[t]) if ln else None, _p(sv.grstd[t]) if ln else None,
                   _p(sv.cmean[t]) if ln else None, _p(sv.crstd[t]) if ln else None, _p(sv.tc[t]) if ln else None)
 
-    def cell_bwd(self, t, dh, dh_add, dc, sv: _Saved, norms, mask, dpre_out, grads):
-        """dc is updated in place to dc_{t-1}; d(pre) goes into dpre_out."""
-        B, S = sv.c.shape[1:]
+    def cell_bwd(self, t, B, dh, dh_add, dc, sv: _Saved, norms, mask, dpre_out, grads):
+        """Step t on the first B rows; dc is updated in place to dc_{t-1}; d(pre) goes into dpre_out."""
+        S = sv.c.size(-1)
         gw, _, cw, _ = norms
         ln = sv.ln
         self._bwd(B, S, _p(dh), _p(dh_add), _p(dc), _p(sv.act[t]), _p(sv.c[t]), _p(sv.c[t + 1]),
@@ -246,14 +249,27 @@ class _Kernels:
                   _p(grads.get("gw")), _p(grads.get("gb")), _p(grads.get("cw")), _p(grads.get("cb")))
 
 
+def _last_steps(batch_sizes, T: int, B: int, device) -> torch.Tensor:
+    """Index of each row's last step: T - 1, or per row of a packed batch (sorted by length)."""
+    if batch_sizes is None:
+        return torch.full((B,), T - 1, dtype=torch.long, device=device)
+    sizes = torch.tensor(batch_sizes, device=device)
+    return (sizes.unsqueeze(1) > torch.arange(B, device=device)).sum(0) - 1
+
+
+def ar(B: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.arange(B, device=like.device)
+
+
 def _contiguous(ts):
     return tuple(None if t is None else t.contiguous() for t in ts)
 
 
 def _hyper_forward_kernels(lib, xw, xw_hat, h0, w_cat, w_hat_hh, z_weight, z_bias, d_weight, bias, norms, hnorms,
-                           mask, hmask, eps, hyper_eps, main, hyp, out, hh_all, z_all, a_list):
+                           mask, hmask, eps, hyper_eps, main, hyp, out, hh_all, z_all, a_list, batch_sizes):
     """The forward loop of _HyperLSTMFunction with the per-step elementwise work in the kernels:
-    per step three matrix products (torch) and three kernel calls."""
+    per step three matrix products (torch) and three kernel calls, on the first ``batch_sizes[t]``
+    rows (all B when None): a packed batch sorted by decreasing length, as cuDNN runs it."""
     k = _Kernels(lib, xw)
     T, B = xw.shape[:2]
     H, Nz = h0.size(-1), d_weight.size(-1)
@@ -265,27 +281,31 @@ def _hyper_forward_kernels(lib, xw, xw_hat, h0, w_cat, w_hat_hh, z_weight, z_bia
     pre = xw.new_empty(B, 4 * H)
     h = h0
     for t in range(T):
-        a = _linear(h, w_cat)                                     # (B, 4H + 4Hh)
+        bt = B if batch_sizes is None else batch_sizes[t]
+        a = _linear(h[:bt], w_cat)                                # (bt, 4H + 4Hh)
         a_list.append(a)
-        torch.mm(hh_all[t], w_hat_hh.t(), out=hpre)
-        k.cell_fwd(t, hpre, a[:, 4 * H:], xw_hat[t], hyp, hnorms, hyper_eps, hmask, hh_all[t + 1])
-        torch.addmm(zb, hh_all[t + 1], z_weight.t(), out=z_all[t])
-        k.hyper_fwd(B, H, Nz, _p(a), a.stride(0), _p(xw[t]), _p(z_all[t]), _p(wd_t), _p(bias), _p(pre))
-        k.cell_fwd(t, pre, None, None, main, norms, eps, mask, out[t])
+        torch.mm(hh_all[t, :bt], w_hat_hh.t(), out=hpre[:bt])
+        k.cell_fwd(t, bt, hpre, a[:, 4 * H:], xw_hat[t], hyp, hnorms, hyper_eps, hmask, hh_all[t + 1])
+        torch.addmm(zb, hh_all[t + 1, :bt], z_weight.t(), out=z_all[t, :bt])
+        k.hyper_fwd(bt, H, Nz, _p(a), a.stride(0), _p(xw[t]), _p(z_all[t]), _p(wd_t), _p(bias), _p(pre))
+        k.cell_fwd(t, bt, pre, None, None, main, norms, eps, mask, out[t])
         h = out[t]
 
 
 def _hyper_backward_kernels(lib, d_out, d_cT, d_hhT, d_chT, xw, h0, out, hh_all, z_all, w_cat, w_hat_hh,
                             z_weight, d_weight, norms, hnorms, mask, hmask, main, hyp, a_list, grads, hgrads,
-                            has_bias):
-    """The backward loop of _HyperLSTMFunction with the per-step elementwise work in the kernels."""
+                            has_bias, batch_sizes):
+    """The backward loop of _HyperLSTMFunction with the per-step elementwise work in the kernels.
+    Rows past ``batch_sizes[t]`` are untouched at step t, so the gradients of the final states
+    enter each sequence's buffers at its own last step."""
     k = _Kernels(lib, xw)
     T, B = xw.shape[:2]
     H, Hh, Nz = h0.size(-1), hh_all.size(-1), d_weight.size(-1)
     norms, hnorms = _contiguous(norms), _contiguous(hnorms)
-    d_xw = torch.empty_like(xw)
-    d_a = xw.new_empty(T, B, 4 * H + 4 * Hh)
-    d_z = torch.empty_like(z_all)
+    alloc = torch.empty if batch_sizes is None else torch.zeros  # padded rows enter the weight GEMMs
+    d_xw = alloc(xw.shape, dtype=xw.dtype, device=xw.device)
+    d_a = alloc((T, B, 4 * H + 4 * Hh), dtype=xw.dtype, device=xw.device)
+    d_z = alloc(z_all.shape, dtype=xw.dtype, device=xw.device)
     wd_t = d_weight.transpose(-1, -2).contiguous()
     g_wd = torch.zeros_like(wd_t)
     g_bias = xw.new_zeros(4 * H) if has_bias else None
@@ -298,14 +318,19 @@ def _hyper_backward_kernels(lib, d_out, d_cT, d_hhT, d_chT, xw, h0, out, hh_all,
     d_out = None if d_out is None else d_out.contiguous()
     w_cat_t = w_cat.t().contiguous()
     for t in range(T - 1, -1, -1):
-        k.cell_bwd(t, dh, None if d_out is None else d_out[t], dc, main, norms, mask, dpre, grads)
-        k.hyper_bwd(B, H, Nz, _p(dpre), _p(a_list[t]), a_list[t].stride(0), _p(xw[t]), _p(z_all[t]), _p(wd_t),
+        bt = B if batch_sizes is None else batch_sizes[t]
+        k.cell_bwd(t, bt, dh, None if d_out is None else d_out[t], dc, main, norms, mask, dpre, grads)
+        k.hyper_bwd(bt, H, Nz, _p(dpre), _p(a_list[t]), a_list[t].stride(0), _p(xw[t]), _p(z_all[t]), _p(wd_t),
                     _p(d_a[t]), d_a.stride(1), _p(d_xw[t]), _p(d_z[t]), _p(g_wd), _p(g_bias))
-        dhh = torch.addmm(dhh, d_z[t], z_weight)
+        dhh[:bt].addmm_(d_z[t, :bt], z_weight)
         dhpre = d_a[t, :, 4 * H:]
-        k.cell_bwd(t, dhh, None, dch, hyp, hnorms, hmask, dhpre, hgrads)
-        dhh = torch.mm(dhpre, w_hat_hh)
-        dh = _linear(d_a[t], w_cat_t)
+        k.cell_bwd(t, bt, dhh, None, dch, hyp, hnorms, hmask, dhpre, hgrads)
+        torch.mm(dhpre[:bt], w_hat_hh, out=dhh[:bt])
+        prod = _linear(d_a[t, :bt], w_cat_t)
+        if bt == B:
+            dh = prod
+        else:
+            dh[:bt] = prod
     g_dw = g_wd.transpose(-1, -2).contiguous()
     return d_xw, d_a, d_z, dh, dc, dhh, dch, g_dw, g_bias
 
@@ -325,7 +350,7 @@ def _block_diagonal(d_weight: torch.Tensor) -> torch.Tensor:
 class _HyperLSTMFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xw, xw_hat, h0, c0, hh0, ch0, w_cat, w_hat_hh, z_weight, z_bias, d_weight, bias,
-                gw, gb, cw, cb, hgw, hgb, hcw, hcb, mask, hmask, eps, hyper_eps):
+                gw, gb, cw, cb, hgw, hgb, hcw, hcb, mask, hmask, eps, hyper_eps, batch_sizes=None):
         T, B = xw.shape[:2]
         H, Hh = h0.size(-1), hh0.size(-1)
         Nz = d_weight.size(-1)
@@ -335,10 +360,11 @@ class _HyperLSTMFunction(torch.autograd.Function):
         hyp = _Saved(T, B, Hh, xw, ln)
         main.c[0] = c0
         hyp.c[0] = ch0
-        out = xw.new_empty(T, B, H)
-        hh_all = xw.new_empty(T + 1, B, Hh)
+        alloc = xw.new_empty if batch_sizes is None else xw.new_zeros  # padded rows stay 0 (outputs, GEMMs)
+        out = alloc(T, B, H)
+        hh_all = alloc(T + 1, B, Hh)
         hh_all[0] = hh0
-        z_all = xw.new_empty(T, B, 3 * n)
+        z_all = alloc(T, B, 3 * n)
         bd = _block_diagonal(d_weight)
         d_buf = xw.new_empty(3, B, 4 * H)    # per-step scratch, reused: fresh pages cost a fault each
         pre_buf = xw.new_empty(B, 4 * H)
@@ -348,7 +374,10 @@ class _HyperLSTMFunction(torch.autograd.Function):
         ctx.lib = lib
         if lib is not None:
             _hyper_forward_kernels(lib, xw, xw_hat, h0, w_cat, w_hat_hh, z_weight, z_bias, d_weight, bias,
-                                   norms, hnorms, mask, hmask, eps, hyper_eps, main, hyp, out, hh_all, z_all, a_list)
+                                   norms, hnorms, mask, hmask, eps, hyper_eps, main, hyp, out, hh_all, z_all, a_list,
+                                   batch_sizes)
+        elif batch_sizes is not None:
+            raise RuntimeError("packed batches need the compiled kernels (the callers check this)")
         h = h0
         for t in range(T if lib is None else 0):
             a = _linear(h, w_cat)                                 # (B, 4H + 4Hh)
@@ -370,10 +399,12 @@ class _HyperLSTMFunction(torch.autograd.Function):
         ctx.eps, ctx.hyper_eps = eps, hyper_eps
         ctx.has_bias = bias is not None
         ctx.a_list = a_list  # intermediates, not inputs or outputs: may live on ctx
+        ctx.batch_sizes = batch_sizes
         ctx.save_for_backward(xw, h0, out, hh_all, z_all, w_cat, w_hat_hh, z_weight, d_weight,
                               gw, gb, cw, cb, hgw, hgb, hcw, hcb, mask, hmask,
                               *main.tensors(), *hyp.tensors())
-        return out, main.c[T].clone(), hh_all[T].clone(), hyp.c[T].clone()
+        last = _last_steps(batch_sizes, T, B, xw.device)
+        return out, main.c[last + 1, ar(B, xw)], hh_all[last + 1, ar(B, xw)], hyp.c[last + 1, ar(B, xw)]
 
     @staticmethod
     @once_differentiable
@@ -393,7 +424,8 @@ class _HyperLSTMFunction(torch.autograd.Function):
         if ctx.lib is not None:
             d_xw, d_a, d_z, dh, dc, dhh, dch, g_dw, g_bias = _hyper_backward_kernels(
                 ctx.lib, d_out, d_cT, d_hhT, d_chT, xw, h0, out, hh_all, z_all, w_cat, w_hat_hh, z_weight,
-                d_weight, norms, hnorms, mask, hmask, main, hyp, a_list, grads, hgrads, ctx.has_bias)
+                d_weight, norms, hnorms, mask, hmask, main, hyp, a_list, grads, hgrads, ctx.has_bias,
+                ctx.batch_sizes)
         else:
             d_xw, d_a, d_z, dh, dc, dhh, dch, g_dw, g_bias = _hyper_backward_torch(
                 ctx, d_out, d_cT, d_hhT, d_chT, xw, h0, hh_all, z_all, w_cat, w_hat_hh, z_weight, d_weight,
@@ -409,7 +441,7 @@ class _HyperLSTMFunction(torch.autograd.Function):
         ln_g = (grads.get("gw"), grads.get("gb"), grads.get("cw"), grads.get("cb"),
                 hgrads.get("gw"), hgrads.get("gb"), hgrads.get("cw"), hgrads.get("cb"))
         return (d_xw, d_xw_hat, dh, dc, dhh, dch, g_cat, g_hat_hh, g_zw, g_zb, g_dw, g_bias,
-                *ln_g, None, None, None, None)
+                *ln_g, None, None, None, None, None)
 
 
 def _hyper_backward_torch(ctx, d_out, d_cT, d_hhT, d_chT, xw, h0, hh_all, z_all, w_cat, w_hat_hh, z_weight,
@@ -463,9 +495,10 @@ def _hyper_backward_torch(ctx, d_out, d_cT, d_hhT, d_chT, xw, h0, hh_all, z_all,
     return d_xw, d_a, d_z, dh, dc, dhh, dch, g_dw, g_bias
 
 
-def hyper_lstm_sequence(cell, x: torch.Tensor, state):
+def hyper_lstm_sequence(cell, x: torch.Tensor, state, batch_sizes=None, row_order=None):
     """The fused forward of ``HyperLSTMCell`` over a (T, B, I) sequence, or None when the cell's
-    configuration is not covered (the caller then runs the eager ``step`` loop)."""
+    configuration is not covered (the caller then runs the eager ``step`` loop). ``batch_sizes``
+    and ``row_order``: see ``packed_forward``."""
     if not fused_enabled(cell, x):
         return None
     h0, c0, hh0, ch0 = state
@@ -480,25 +513,25 @@ def hyper_lstm_sequence(cell, x: torch.Tensor, state):
     training = cell.training
     rates = [(Hh, hyper.recurrent_dropout if training and hyper.recurrent_dropout > 0 else None),
              (H, cell.recurrent_dropout if training and cell.recurrent_dropout > 0 else None)]
-    hmask, mask = _dropout_masks(rates, T, B, x)
+    hmask, mask = _reorder(_dropout_masks(rates, T, B, x), row_order)
     norms, hnorms = _norm_params(cell), _norm_params(hyper)
     sc = cell.scaling
     out, cT, hhT, chT = _HyperLSTMFunction.apply(
         xw, xw_hat, h0, c0, hh0, ch0, w_cat, hyper.weight_hh, sc.z_weight, sc.z_bias, sc.d_weight, sc.bias,
-        *norms, *hnorms, mask, hmask, _eps(cell), _eps(hyper))
-    return out, (out[-1], cT, hhT, chT)
+        *norms, *hnorms, mask, hmask, _eps(cell), _eps(hyper), batch_sizes)
+    return out, (_final_h(out, batch_sizes), cT, hhT, chT)
 
 
 # -- the LSTM layer ----------------------------------------------------------------------------
 class _LSTMFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xw, h0, c0, w_hh, gw, gb, cw, cb, mask, eps):
+    def forward(ctx, xw, h0, c0, w_hh, gw, gb, cw, cb, mask, eps, batch_sizes=None):
         T, B = xw.shape[:2]
         H = h0.size(-1)
         ln = gw is not None
         sv = _Saved(T, B, H, xw, ln)
         sv.c[0] = c0
-        out = xw.new_empty(T, B, H)
+        out = (xw.new_empty if batch_sizes is None else xw.new_zeros)(T, B, H)
         norms = (gw, gb, cw, cb)
         lib = _kernels_for(xw)
         ctx.lib = lib
@@ -506,16 +539,19 @@ class _LSTMFunction(torch.autograd.Function):
         if lib is not None:
             k = _Kernels(lib, xw)
             for t in range(T):
-                pre = _linear(h, w_hh)
-                k.cell_fwd(t, pre, xw[t], None, sv, _contiguous(norms), eps, mask, out[t])
+                bt = B if batch_sizes is None else batch_sizes[t]
+                pre = _linear(h[:bt], w_hh)
+                k.cell_fwd(t, bt, pre, xw[t], None, sv, _contiguous(norms), eps, mask, out[t])
                 h = out[t]
+        elif batch_sizes is not None:
+            raise RuntimeError("packed batches need the compiled kernels (the callers check this)")
         for t in range(T if lib is None else 0):
             pre = _linear(h, w_hh)
             pre += xw[t]
             h = _update_forward(t, pre, sv, norms, None if mask is None else mask[t], eps, h_out=out[t])
-        ctx.ln, ctx.eps = ln, eps
+        ctx.ln, ctx.eps, ctx.batch_sizes = ln, eps, batch_sizes
         ctx.save_for_backward(h0, out, w_hh, gw, gb, cw, cb, mask, *sv.tensors())
-        return out, sv.c[T].clone()
+        return out, sv.c[_last_steps(batch_sizes, T, B, xw.device) + 1, ar(B, xw)]
 
     @staticmethod
     @once_differentiable
@@ -525,7 +561,7 @@ class _LSTMFunction(torch.autograd.Function):
         T, B, H = out.shape
         norms = (gw, gb, cw, cb)
         grads = _ln_grads(norms, H)
-        d_xw = out.new_empty(T, B, 4 * H)
+        d_xw = (out.new_empty if ctx.batch_sizes is None else out.new_zeros)(T, B, 4 * H)
         dh = out.new_zeros(B, H)
         dc = d_cT if d_cT is not None else out.new_zeros(B, H)
         w_t = w_hh.t().contiguous()
@@ -534,8 +570,14 @@ class _LSTMFunction(torch.autograd.Function):
             dc = dc.clone(memory_format=torch.contiguous_format)  # updated in place
             d_out = d_out.contiguous() if d_out is not None else None
             for t in range(T - 1, -1, -1):
-                k.cell_bwd(t, dh, None if d_out is None else d_out[t], dc, sv, _contiguous(norms), mask, d_xw[t], grads)
-                dh = _linear(d_xw[t], w_t)
+                bt = B if ctx.batch_sizes is None else ctx.batch_sizes[t]
+                k.cell_bwd(t, bt, dh, None if d_out is None else d_out[t], dc, sv, _contiguous(norms), mask,
+                           d_xw[t], grads)
+                prod = _linear(d_xw[t, :bt], w_t)
+                if bt == B:
+                    dh = prod
+                else:
+                    dh[:bt] = prod
         for t in range(T - 1, -1, -1) if ctx.lib is None else ():
             if d_out is not None:
                 dh = dh + d_out[t]
@@ -545,10 +587,10 @@ class _LSTMFunction(torch.autograd.Function):
         if T > 1:
             g_hh.addmm_(d_xw[1:].reshape((T - 1) * B, 4 * H).t(), out[:-1].reshape((T - 1) * B, H))
         return (d_xw, dh, dc, g_hh, grads.get("gw"), grads.get("gb"), grads.get("cw"), grads.get("cb"),
-                None, None)
+                None, None, None)
 
 
-def lstm_sequence(cell, x: torch.Tensor, state):
+def lstm_sequence(cell, x: torch.Tensor, state, batch_sizes=None, row_order=None):
     """The fused forward of ``LSTMCell`` over a (T, B, I) sequence, or None when not covered."""
     if not fused_enabled(cell, x):
         return None
@@ -556,13 +598,57 @@ def lstm_sequence(cell, x: torch.Tensor, state):
     T, B = x.shape[:2]
     H = cell.hidden_size
     rd = cell.recurrent_dropout if cell.training and cell.recurrent_dropout > 0 else None
-    if cell.gate_norm is None and rd is None:
+    if cell.gate_norm is None and rd is None and batch_sizes is None:
         return _torch_lstm(cell, x, h0, c0)
-    (mask,) = _dropout_masks([(H, rd)], T, B, x)
+    (mask,) = _reorder(_dropout_masks([(H, rd)], T, B, x), row_order)
     xw = cell.input_projection(x).contiguous()
     h0, c0 = h0.contiguous(), c0.contiguous()
-    out, cT = _LSTMFunction.apply(xw, h0, c0, cell.weight_hh, *_norm_params(cell), mask, _eps(cell))
-    return out, (out[-1], cT)
+    out, cT = _LSTMFunction.apply(xw, h0, c0, cell.weight_hh, *_norm_params(cell), mask, _eps(cell), batch_sizes)
+    return out, (_final_h(out, batch_sizes), cT)
+
+
+# -- padded batches (PackedSequence input) -------------------------------------------------------
+def _reorder(masks, row_order):
+    return [m if m is None or row_order is None else m[:, row_order] for m in masks]
+
+
+def _final_h(out: torch.Tensor, batch_sizes) -> torch.Tensor:
+    if batch_sizes is None:
+        return out[-1]
+    T, B = out.shape[:2]
+    return out[_last_steps(batch_sizes, T, B, out.device), ar(B, out)]
+
+
+def packed_forward(cell, x: torch.Tensor, state, mask: torch.Tensor):
+    """Fused forward of a padded batch: x (T, B, I) in the caller's row order, ``mask`` (T, B, 1)
+    True on each sequence's steps (what ``RecurrentLayers`` builds from a PackedSequence). Like the
+    eager loop, outputs past a sequence's end are 0 and its final state is the one at its last step.
+
+    The rows are sorted by decreasing length so that step t runs on the first ``batch_sizes[t]``
+    rows only, as cuDNN runs a packed batch: no work, and no state update, for finished sequences.
+    None (run the eager loop) when the cell's configuration or the device has no fused path for it.
+    """
+    if (not fused_enabled(cell, x) or _kernels_for(x) is None or not getattr(cell, "fused_supported", True)
+            or getattr(cell, "fused_forward", None) is None):
+        return None
+    lengths = mask[:, :, 0].sum(0).cpu()
+    order = torch.argsort(lengths, descending=True, stable=True)
+    sorted_len = lengths[order]
+    T = int(sorted_len[0])
+    batch_sizes = (sorted_len.unsqueeze(0) > torch.arange(T).unsqueeze(1)).sum(1).tolist()
+    order = order.to(x.device)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=x.device)
+    run = hyper_lstm_sequence if hasattr(cell, "scaling") else lstm_sequence
+    result = run(cell, x[:T].index_select(1, order), tuple(s.index_select(0, order) for s in state),
+                 batch_sizes=batch_sizes, row_order=order)
+    if result is None:
+        return None
+    out, final = result
+    out = out.index_select(1, inverse)
+    if T < x.size(0):
+        out = torch.cat([out, out.new_zeros(x.size(0) - T, *out.shape[1:])])
+    return out, tuple(s.index_select(0, inverse) for s in final)
 
 
 def _torch_lstm(cell, x, h0, c0):

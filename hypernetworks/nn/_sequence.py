@@ -32,6 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from hypernetworks.nn import _fused
+
 State = tuple[torch.Tensor, ...]
 
 FULL, PAIR, TENSOR = "full", "pair", "tensor"
@@ -264,10 +266,13 @@ class RecurrentLayers(nn.Module):
         return output, _write_state(state, form), activity
 
     def _run_layer(self, cell, x, state: State, mask, rec):
-        if rec is None and mask is None:
-            # A whole-sequence fused path (see _fused.py) when the cell has one for its config.
+        if rec is None:
+            # A whole-sequence fused path (see _fused.py) when the cell has one for its config;
+            # padded batches (PackedSequence input) run it with per-step active batch sizes.
             fused = getattr(cell, "fused_forward", None)
-            result = fused(x, state) if fused is not None else None
+            result = None
+            if fused is not None:
+                result = fused(x, state) if mask is None else _fused.packed_forward(cell, x, state, mask)
             if result is not None:
                 return result
         xw = cell.input_projection(x)

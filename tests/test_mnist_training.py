@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import REPO, require_file
 from hypernetworks.commands import kernels as kernels_cmd
 from hypernetworks.data.images import MNISTDataModule
-from hypernetworks.nn.static import HyperConv2d
+from hypernetworks.nn.static import TiledWeight
 from hypernetworks.tasks.classification import ImageClassifier
 from hypernetworks.training import load_task, make_trainer, run_cli
 
@@ -48,7 +48,7 @@ def test_tiny_training_run_lowers_the_loss_then_reloads_and_draws(mnist_dir, tmp
 
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     loaded = load_task(ckpt)
-    assert isinstance(loaded, ImageClassifier) and isinstance(loaded.model.conv2, HyperConv2d)
+    assert isinstance(loaded, ImageClassifier) and isinstance(loaded.model.conv2.parametrizations.weight[0], TiledWeight)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), task(x))
 

@@ -9,8 +9,12 @@ import torch.nn as nn
 
 from hypernetworks import create_model
 from hypernetworks.commands import params as params_cmd
-from hypernetworks.nn.static import (HyperConv2d, KernelGenerator, batched_kernels, generate_kernels, materialise,
-                                     parameter_report)
+from hypernetworks.nn.static import (HyperConv2d, KernelGenerator, TiledWeight, batched_kernels, generate_kernels,
+                                     materialise, parameter_report)
+
+
+def _tiled(model: nn.Module) -> list[TiledWeight]:
+    return [m for m in model.modules() if isinstance(m, TiledWeight)]
 
 
 def _reference_kernel(g: KernelGenerator, z: torch.Tensor) -> torch.Tensor:
@@ -68,17 +72,17 @@ def test_sizes_that_are_not_multiples_of_the_basic_tile_are_refused():
         HyperConv2d(16, 40, 3, g)
     with pytest.raises(ValueError, match="kernel_size"):
         HyperConv2d(16, 16, 5, g)
-    with pytest.raises(ValueError, match="multiple of the basic tile"):
+    with pytest.raises(ValueError, match=r"'block1.0.conv1' \(Conv2d, weight \(16, 16, 3, 3\)\) cannot be made of 24x24"):
         create_model("hyper-wrn-40-1", base=24)
 
 
 def test_all_tiles_of_all_layers_are_generated_in_one_call_per_step():
     torch.manual_seed(0)
     model = create_model("hyper-wrn-40-1")
-    layers = [m for m in model.modules() if isinstance(m, HyperConv2d)]
-    assert len(layers) == 36
+    layers = _tiled(model)
+    assert len(layers) == 36 and {id(t.generator) for t in layers} == {id(layers[0].generator)}
     calls = []
-    model.generator.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    layers[0].generator.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     model(torch.randn(2, 3, 32, 32))
     assert calls == [sum(m.num_tiles for m in layers)] == [242]
     # the batched kernels equal each layer's own (unbatched) kernel
@@ -112,7 +116,8 @@ def test_gradients_reach_embeddings_and_generator_in_a_model():
     model = create_model("mnist-hyper")
     loss = nn.functional.cross_entropy(model(torch.randn(4, 1, 28, 28)), torch.tensor([0, 1, 2, 3]))
     loss.backward()
-    for name in ("generator.w_in", "generator.b_in", "generator.w_out", "generator.b_out", "conv2.z"):
+    gen = "conv2.parametrizations.weight.0.own_generator."
+    for name in (gen + "w_in", gen + "b_in", gen + "w_out", gen + "b_out", "conv2.parametrizations.weight.0.z"):
         grad = model.get_parameter(name).grad
         assert grad is not None and grad.abs().sum() > 0, name
 
@@ -138,7 +143,8 @@ def test_parameter_counts_match_the_paper_and_the_architecture():
     for k, wr in ((1, w1), (2, w2)):
         model = create_model(f"hyper-wrn-40-{k}")
         r = parameter_report(model)
-        tiles = sum(m.in_channels * m.out_channels // 256 for m in model.modules() if isinstance(m, HyperConv2d))
+        tiles = sum(t.weight_shape[0] * t.weight_shape[1] // 256 for t in _tiled(model))
+        assert len(_tiled(model)) == 36
         assert r["generator"] == gen == 75_920
         assert r["embeddings"] == 64 * tiles
         assert r["ordinary"] == wr["total"] - r["generated"]  # everything not generated stays as it was
@@ -154,10 +160,10 @@ def test_a_shared_generator_is_counted_once_and_saved_once():
     assert r["generator"] == sum(p.numel() for p in g.parameters())
     assert r["embeddings"] == 4 * (2 + 2)
     wrn = create_model("hyper-wrn-40-1")
-    assert sum(k.startswith("generator.") for k in wrn.state_dict()) == 4
-    assert not any(".generator." in k for k in wrn.state_dict())
-    clone = copy.deepcopy(wrn)  # deep copies keep one shared generator
-    assert {id(m.generator) for m in clone.modules() if isinstance(m, HyperConv2d)} == {id(clone.generator)}
+    assert sum(".own_generator." in k for k in wrn.state_dict()) == 4  # held (and saved) by one layer
+    clone = copy.deepcopy(wrn)  # deep copies keep one shared generator, the copy's own
+    assert len({id(t.generator) for t in _tiled(clone)}) == 1
+    assert clone.block1[0].conv1.parametrizations.weight[0].own_generator is _tiled(clone)[5].generator
 
 
 def _calibrate_bn(model: nn.Module) -> None:
@@ -173,9 +179,10 @@ def test_materialised_model_equals_the_hypernetwork_and_loads_into_the_twin(widt
     hyper = create_model(f"hyper-wrn-40-{width}")
     _calibrate_bn(hyper)
     plain = materialise(hyper)
-    assert not any(isinstance(m, (HyperConv2d, KernelGenerator)) for m in plain.modules())
-    assert any(isinstance(m, HyperConv2d) for m in hyper.modules())  # the original is untouched
-    twin = create_model(f"wrn-40-{width}").eval()
+    assert not any(isinstance(m, (TiledWeight, KernelGenerator)) for m in plain.modules())
+    assert type(plain.block2[0].conv1) is nn.Conv2d and type(plain) is type(twin := create_model(f"wrn-40-{width}"))
+    assert len(_tiled(hyper)) == 36  # the original is untouched
+    twin.eval()
     twin.load_state_dict(plain.state_dict(), strict=True)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -200,15 +207,21 @@ def test_materialise_mnist_and_a_standalone_layer():
 
 def test_batched_kernels_is_reentrant_and_cleans_up_after_errors():
     model = create_model("mnist-hyper")
+    tiled = model.conv2.parametrizations.weight[0]
     with batched_kernels(model):
-        w = model.conv2._weight
+        w = tiled._weight
         with batched_kernels(model):  # nested: reuses the outer kernels
-            assert model.conv2._weight is w
-    assert model.conv2._weight is None
+            assert tiled._weight is w
+        model(torch.zeros(1, 1, 28, 28))  # the model's own batching hook leaves them alone
+        assert tiled._weight is w
+    assert tiled._weight is None
     with pytest.raises(RuntimeError):
         with batched_kernels(model):
             raise RuntimeError("boom")
-    assert model.conv2._weight is None
+    assert tiled._weight is None
+    with pytest.raises(RuntimeError):  # an error inside the model's forward: kernels released too
+        model(torch.zeros(1, 2, 28, 28))
+    assert tiled._weight is None
 
 
 def test_params_command_prints_every_model(capsys):

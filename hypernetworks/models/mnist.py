@@ -2,8 +2,10 @@
 
     conv 7x7 1->16, ReLU, max-pool 2 -> conv 7x7 16->16, ReLU, max-pool 2 -> linear 784->10
 
-``mnist-conv`` stores the second kernel (12,544 weights); ``mnist-hyper`` makes it from a
-KernelGenerator (4,240 weights) and one 4-number embedding: 4,244 in all, as in the paper.
+``mnist-conv`` stores the second kernel (12,544 weights); ``mnist-hyper`` is
+``hyperize(mnist-conv, layers="conv2", tile_size=16, embedding_size=4)``: the kernel is one
+16x16x7x7 tile made by a KernelGenerator (4,240 weights) from one 4-number embedding, 4,244 in
+all, as in the paper; it starts with the std of the plain layer's initialisation.
 """
 from __future__ import annotations
 
@@ -12,14 +14,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hypernetworks.models.registry import register_model
-from hypernetworks.nn.static import HyperConv2d, KernelGenerator, batched_kernels
+from hypernetworks.nn.hyperize import hyperize
 
 
 class MNISTConvNet(nn.Module):
-    """Two-layer MNIST convnet; ``hyper=True`` generates the second layer's kernel."""
+    """Two-layer MNIST convnet (torch's default initialisation)."""
 
-    def __init__(self, hyper: bool = False, channels: int = 16, kernel_size: int = 7, embedding_size: int = 4,
-                 num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> None:
+    def __init__(self, channels: int = 16, kernel_size: int = 7, num_classes: int = 10, in_channels: int = 1,
+                 image_size: int = 28) -> None:
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd ('same' padding), got {kernel_size}")
@@ -27,25 +29,23 @@ class MNISTConvNet(nn.Module):
             raise ValueError(f"image_size must be a multiple of 4 (two 2x2 poolings), got {image_size}")
         pad = kernel_size // 2
         self.conv1 = nn.Conv2d(in_channels, channels, kernel_size, padding=pad)
-        if hyper:
-            self.generator = KernelGenerator(embedding_size, channels, channels, kernel_size)
-            self.conv2 = HyperConv2d(channels, channels, kernel_size, self.generator, padding=pad, bias=True)
-        else:
-            self.conv2 = nn.Conv2d(channels, channels, kernel_size, padding=pad)
+        self.conv2 = nn.Conv2d(channels, channels, kernel_size, padding=pad)
         self.fc = nn.Linear(channels * (image_size // 4) ** 2, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        with batched_kernels(self):
-            x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-            x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-            return self.fc(x.flatten(1))
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc(x.flatten(1))
 
 
 @register_model("mnist-conv")
 def mnist_conv(**overrides) -> MNISTConvNet:
-    return MNISTConvNet(hyper=False, **overrides)
+    return MNISTConvNet(**overrides)
 
 
 @register_model("mnist-hyper")
-def mnist_hyper(**overrides) -> MNISTConvNet:
-    return MNISTConvNet(hyper=True, **overrides)
+def mnist_hyper(embedding_size: int = 4, **overrides) -> MNISTConvNet:
+    """The second layer's whole kernel is one basic tile of the generator (channels x channels x f x f)."""
+    net = MNISTConvNet(**overrides)
+    return hyperize(net, layers="conv2", tile_size=net.conv2.out_channels, embedding_size=embedding_size,
+                    inplace=True)

@@ -1,10 +1,11 @@
 """Wide ResNet 40-k (Zagoruyko and Komodakis, 2016) and the paper's Hyper WRN 40-k.
 
 Pre-activation basic blocks, N = (depth - 4) / 6 per group, widths 16, 16k, 32k, 64k, 8x8 average
-pool. In the hyper version all 3x3 convolutions of the residual groups (36 for depth 40) are
-HyperConv2d layers tiled from 16x16x3x3 basic kernels made by one KernelGenerator (N_z = 64,
-d = N_z); the stem conv, the 1x1 shortcuts, batch norms and the classifier stay ordinary.
-Plain and hyper versions share module names, so ``materialise(hyper)`` loads into the plain twin.
+pool. The hyper version is ``hyperize`` of the plain one: all 3x3 convolutions of the residual
+groups (36 for depth 40) are tiled from 16x16x3x3 basic kernels made by one KernelGenerator
+(N_z = 64, d = N_z), each layer starting with the std of its plain (Kaiming) initialisation; the
+stem conv, the 1x1 shortcuts, batch norms and the classifier stay ordinary. ``materialise(hyper)``
+is a plain WideResNet whose state_dict loads into the plain twin.
 """
 from __future__ import annotations
 
@@ -13,16 +14,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hypernetworks.models.registry import register_model
-from hypernetworks.nn.static import HyperConv2d, KernelGenerator, batched_kernels
+from hypernetworks.nn.hyperize import hyperize
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, in_planes: int, planes: int, stride: int, conv3x3, dropout: float = 0.0) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = conv3x3(in_planes, planes, stride)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = conv3x3(planes, planes, 1)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
         self.dropout = dropout
         self.shortcut = (nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
                          if stride != 1 or in_planes != planes else None)
@@ -38,10 +39,10 @@ class BasicBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-    """WRN-depth-width for 32x32 inputs; ``hyper=True`` generates the residual groups' 3x3 kernels."""
+    """WRN-depth-width for 32x32 inputs (Kaiming fan-out initialisation of the convs)."""
 
-    def __init__(self, depth: int = 40, width: int = 2, num_classes: int = 10, hyper: bool = False,
-                 embedding_size: int = 64, base: int = 16, dropout: float = 0.0, in_channels: int = 3) -> None:
+    def __init__(self, depth: int = 40, width: int = 2, num_classes: int = 10, dropout: float = 0.0,
+                 in_channels: int = 3) -> None:
         super().__init__()
         if (depth - 4) % 6 or depth < 10:
             raise ValueError(f"depth must be 6N + 4 with N >= 1, got {depth}")
@@ -49,23 +50,12 @@ class WideResNet(nn.Module):
             raise ValueError(f"width must be >= 1, got {width}")
         n = (depth - 4) // 6
         widths = [16, 16 * width, 32 * width, 64 * width]
-        if hyper:
-            if any(w % base for w in widths):
-                raise ValueError(f"every width {widths} must be a multiple of the basic tile size {base}")
-            self.generator = KernelGenerator(embedding_size, base, base, 3)
-
-            def conv3x3(i: int, o: int, s: int) -> nn.Module:
-                return HyperConv2d(i, o, 3, self.generator, stride=s, padding=1)
-        else:
-            def conv3x3(i: int, o: int, s: int) -> nn.Module:
-                return nn.Conv2d(i, o, 3, stride=s, padding=1, bias=False)
-
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
         groups, in_planes = [], widths[0]
         for g, stride in zip(range(3), (1, 2, 2)):
             blocks = []
             for b in range(n):
-                blocks.append(BasicBlock(in_planes, widths[g + 1], stride if b == 0 else 1, conv3x3, dropout))
+                blocks.append(BasicBlock(in_planes, widths[g + 1], stride if b == 0 else 1, dropout))
                 in_planes = widths[g + 1]
             groups.append(nn.Sequential(*blocks))
         self.block1, self.block2, self.block3 = groups
@@ -78,11 +68,22 @@ class WideResNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        with batched_kernels(self):  # all tiles of all 36 layers: one generator call per step
-            x = self.conv1(x)
-            x = self.block3(self.block2(self.block1(x)))
-            x = F.relu(self.bn(x))
-            return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+        x = self.conv1(x)
+        x = self.block3(self.block2(self.block1(x)))
+        x = F.relu(self.bn(x))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def _residual_3x3(name: str, module: nn.Module) -> bool:
+    """The paper's generated layers: the 3x3 convs of the residual groups (not the stem, not shortcuts)."""
+    return name.startswith("block") and isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3)
+
+
+def hyper_wide_resnet(depth: int = 40, width: int = 2, embedding_size: int = 64, base: int = 16,
+                      **overrides) -> WideResNet:
+    """``hyperize`` of WideResNet(depth, width, **overrides): 3x3 residual convs from base x base x 3x3 tiles."""
+    return hyperize(WideResNet(depth, width, **overrides), layers=_residual_3x3, tile_size=base,
+                    embedding_size=embedding_size, inplace=True)
 
 
 def _register(depth: int, width: int) -> None:
@@ -92,7 +93,7 @@ def _register(depth: int, width: int) -> None:
 
     @register_model(f"hyper-wrn-{depth}-{width}")
     def hyper(**overrides) -> WideResNet:
-        return WideResNet(**{"depth": depth, "width": width, "hyper": True, **overrides})
+        return hyper_wide_resnet(**{"depth": depth, "width": width, **overrides})
 
 
 for _w in (1, 2):

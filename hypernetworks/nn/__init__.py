@@ -12,6 +12,8 @@ from hypernetworks.nn.static import (  # noqa: E402  (static hypernetworks for C
 )
 __all__ += ["KernelGenerator", "HyperConv2d", "batched_kernels", "generate_kernels", "materialise",
             "parameter_report"]
+from hypernetworks.nn.hyperize import hyperize  # noqa: E402  (any model's layers generated, issue 10)
+__all__ += ["hyperize"]
 from hypernetworks.nn.channels import (  # noqa: E402  (channel-adaptive first layers, issue 11)
     ChannelHyperPatchEmbed, channel_subsets, sample_channels,
 )

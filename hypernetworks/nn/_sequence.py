@@ -171,6 +171,7 @@ class RecurrentLayers(nn.Module):
         self.hidden_size = cells[0].hidden_size
         self.num_layers = len(cells)
         self.proj_size = 0  # nn.LSTM's attribute; projections are not offered (see the subclasses)
+        self.pair_state = False  # True: return nn.LSTM's (h, c) form even when hx is None
 
     @property
     def num_directions(self) -> int:
@@ -225,6 +226,8 @@ class RecurrentLayers(nn.Module):
         _check_dtype(self, x)
         B = x.size(1)
         states, form = self._initial_states(hx, B, batched, x)
+        if hx is None and self.pair_state and len(self.cells[0].state_sizes) > 2:
+            form = PAIR
         mask = reverse_index = None
         if lengths is not None:
             steps = torch.arange(x.size(0), device=x.device).unsqueeze(1)

@@ -207,6 +207,8 @@ class HyperLSTM(RecurrentLayers):
       hidden_size + 2 * hyper_size), which continues exactly when passed back; a ``c_0`` of size
       hidden_size starts the hyper state at zero. Code that carries and detaches
       ``hidden`` (truncated BPTT) therefore runs unchanged.
+    * ``pair_state=True`` returns that pair also when ``hx`` is None, for code that unpacks
+      ``output, (h_n, c_n) = rnn(x)``.
     Unbatched input drops the B dimension.
 
     Cell options (``hyper_size``, ``embedding_size``, ``layer_norm``, ``recurrent_dropout``,
@@ -220,7 +222,7 @@ class HyperLSTM(RecurrentLayers):
                  device=None, dtype=None, hyper_size: int = 128, embedding_size: int = 4, layer_norm: bool = False,
                  recurrent_dropout: float = 0.0, hyper_recurrent_dropout: float | None = None,
                  z_input: str = "current", layer_norm_eps: float = 1e-5, layer_norm_bias: bool = True,
-                 input_init: str = "orthogonal"):
+                 input_init: str = "orthogonal", pair_state: bool = False):
         check_positive("input_size", input_size)
         check_positive("hidden_size", hidden_size)
         check_positive("num_layers", num_layers)
@@ -234,6 +236,7 @@ class HyperLSTM(RecurrentLayers):
             input_size, hidden_size, num_layers, bidirectional)
         super().__init__(cells, batch_first=batch_first, dropout=dropout, reverse_cells=reverse)
         self.bias = bool(bias)
+        self.pair_state = bool(pair_state)
         self.hyper_size = hyper_size
         self.embedding_size = embedding_size
         self.layer_norm = bool(layer_norm)

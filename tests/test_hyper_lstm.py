@@ -365,3 +365,137 @@ def test_bad_forward_input_is_refused_not_broadcast(kind):
         cell(torch.randn(3, I + 2))
     with pytest.raises(ValueError, match=r"hx\[2\]"):
         cell(torch.randn(3, I), (torch.zeros(3, H), torch.zeros(3, H), torch.zeros(3, HH + 1), torch.zeros(3, HH)))
+
+
+# ---------------------------------------------------------------- the paper's switches (issue 13, section 2)
+def _cell(**kw):
+    torch.manual_seed(20)
+    return perturb_(HyperLSTMCell(I, H, hyper_size=HH, embedding_size=NZ, **kw)).double()
+
+
+def _state(B=3):
+    g = torch.Generator().manual_seed(21)
+    return tuple(torch.randn(B, n, generator=g, dtype=torch.double) for n in (H, H, HH, HH))
+
+
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_z_input_previous_follows_the_papers_equations(layer_norm):
+    cur, prev = _cell(layer_norm=layer_norm), _cell(layer_norm=layer_norm, z_input="previous")
+    prev.load_state_dict(cur.state_dict())  # same parameters, same names
+    x, state = torch.randn(3, I, dtype=torch.double), _state()
+    got_prev, got_cur = prev(x, state), cur(x, state)
+    for g, w in zip(got_prev, ref_hyper_lstm_step(prev, x, *state)):  # z from h_hat_{t-1}
+        torch.testing.assert_close(g, w)
+    # the switch changes what the z projections read, nothing else: the hyper LSTM's step is the same
+    torch.testing.assert_close(got_prev[2:], got_cur[2:])
+    assert not torch.allclose(got_prev[0], got_cur[0])
+    # over time, in a layer (which then runs the per-step path) and with gradients
+    m = HyperLSTM(3, 4, num_layers=2, hyper_size=3, embedding_size=2, layer_norm=layer_norm, z_input="previous")
+    m = perturb_(m).double()
+    xs = torch.randn(5, 2, 3, dtype=torch.double)
+    out, st = m(xs)
+    ref_out, ref_st = ref_layers(m, xs, hyper=True)
+    torch.testing.assert_close(out, ref_out)
+    for a, b in zip(st, ref_st):
+        torch.testing.assert_close(a, b)
+    names, params = zip(*m.named_parameters())
+    xs.requires_grad_()
+    fn = lambda x, *ps: torch.func.functional_call(m, dict(zip(names, ps)), (x,))[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (xs, *params), fast_mode=True)
+
+
+def test_z_input_default_is_the_original_codes():
+    assert HyperLSTMCell(I, H).z_input == "current"
+    with pytest.raises(ValueError, match="z_input"):
+        HyperLSTMCell(I, H, z_input="next")
+
+
+def test_gain_only_layer_norm_matches_reference_and_equals_the_default_at_init():
+    with_bias, gain_only = _cell(layer_norm=True), _cell(layer_norm=True, layer_norm_bias=False)
+    for m in (gain_only, gain_only.hyper):
+        assert m.gate_norm.bias is None and m.cell_norm.bias is None
+    dropped = set(with_bias.state_dict()) - set(gain_only.state_dict())
+    assert dropped == {"gate_norm.bias", "cell_norm.bias", "hyper.gate_norm.bias", "hyper.cell_norm.bias"}
+    assert (sum(p.numel() for p in with_bias.parameters()) - sum(p.numel() for p in gain_only.parameters())
+            == 5 * H + 5 * HH)
+    x, state = torch.randn(3, I, dtype=torch.double), _state()
+    for g, w in zip(gain_only(x, state), ref_hyper_lstm_step(gain_only, x, *state)):
+        torch.testing.assert_close(g, w)
+    # at initialisation the forget +1 is a constant after the norm instead of the norm's bias: same function
+    a = HyperLSTM(I, H, hyper_size=HH, embedding_size=NZ, layer_norm=True).double()
+    b = HyperLSTM(I, H, hyper_size=HH, embedding_size=NZ, layer_norm=True, layer_norm_bias=False).double()
+    b.load_state_dict({k: v for k, v in a.state_dict().items() if k in b.state_dict()})
+    xs = torch.randn(6, 2, I, dtype=torch.double)
+    torch.testing.assert_close(a(xs)[0], b(xs)[0])
+    c = LSTM(I, H, layer_norm=True, layer_norm_bias=False).double()
+    assert c.cells[0].gate_norm.bias is None
+    for g, w in zip(c.cells[0](xs[0]), ref_lstm_step(c.cells[0], xs[0], *(torch.zeros(2, H).double(),) * 2)):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("kind", ["hyper", "lstm"])
+def test_layer_norm_eps_reaches_every_norm_and_the_fused_path(kind):
+    m = make(kind, num_layers=2, layer_norm=True, layer_norm_eps=1e-3)
+    m = perturb_(m).double()
+    norms = [mod for mod in m.modules() if hasattr(mod, "eps")]
+    assert len(norms) == (8 if kind == "hyper" else 4) and all(n.eps == 1e-3 for n in norms)
+    x = 0.01 * torch.randn(6, 2, I, dtype=torch.double)  # small pre-activations: eps matters
+    ref_out, _ = ref_layers(m, x, hyper=kind == "hyper")
+    out, _ = m(x)
+    torch.testing.assert_close(out, ref_out)
+    for cell in m.cells:
+        cell.fused = False
+    torch.testing.assert_close(m(x)[0], out)  # fused (covers eps) == eager
+    default = make(kind, num_layers=2, layer_norm=True).double()
+    default.load_state_dict(m.state_dict())
+    assert not torch.allclose(default(x)[0], out)
+    with pytest.raises(ValueError, match="layer_norm_eps"):
+        make(kind, layer_norm=True, layer_norm_eps=0.0)
+
+
+def test_non_default_switches_run_the_eager_path():
+    for kw in (dict(z_input="previous"), dict(layer_norm=True, layer_norm_bias=False)):
+        m = HyperLSTM(I, H, hyper_size=HH, embedding_size=NZ, **kw)
+        assert not m.cells[0].fused_supported
+        out, _ = m(torch.randn(5, 2, I))
+        assert "HyperLSTMFunction" not in type(out.grad_fn).__name__
+    assert HyperLSTM(I, H, layer_norm=True, layer_norm_eps=1e-3).cells[0].fused_supported
+
+
+def test_input_init_xavier_uniform_is_the_original_codes_and_changes_only_w_x():
+    torch.manual_seed(22)
+    paper = HyperLSTMCell(I, 8, hyper_size=HH, embedding_size=NZ)
+    torch.manual_seed(22)
+    orig = HyperLSTMCell(I, 8, hyper_size=HH, embedding_size=NZ, input_init="xavier_uniform")
+    for cell in (orig, orig.hyper):
+        w = cell.weight_ih
+        bound = (6.0 / (w.size(0) + w.size(1))) ** 0.5  # TensorFlow's glorot_uniform on the whole matrix
+        assert w.abs().max() <= bound and w.abs().max() > 0.5 * bound
+    for block in paper.weight_ih.chunk(4, 0):  # the paper: orthogonal per gate
+        torch.testing.assert_close(block.T @ block, torch.eye(I), atol=1e-5, rtol=0)
+    for block in orig.weight_hh.chunk(4, 0):  # W_h stays orthogonal under both
+        torch.testing.assert_close(block.T @ block, torch.eye(8), atol=1e-5, rtol=0)
+    assert [n for n, _ in paper.named_parameters()] == [n for n, _ in orig.named_parameters()]
+    for name in ("scaling.z_bias", "scaling.bias"):
+        torch.testing.assert_close(paper.get_parameter(name), orig.get_parameter(name))
+    torch.testing.assert_close(paper.scaling.d_weight[:2], orig.scaling.d_weight[:2])
+    with pytest.raises(ValueError, match="input_init"):
+        HyperLSTMCell(I, H, input_init="uniform")
+
+
+def test_hyper_recurrent_dropout_default_inherits_and_zero_turns_it_off():
+    assert HyperLSTMCell(I, H, recurrent_dropout=0.3).hyper.recurrent_dropout == 0.3  # the documented default
+    off = _cell(recurrent_dropout=0.5, hyper_recurrent_dropout=0.0).train()
+    on = _cell(recurrent_dropout=0.5).train()
+    assert off.recurrent_dropout == on.recurrent_dropout == 0.5 and off.hyper.recurrent_dropout == 0.0
+    x, state = torch.randn(3, I, dtype=torch.double), _state()
+    a, b = off(x, state), off(x, state)
+    torch.testing.assert_close(a[2:], b[2:])     # the hyper LSTM is deterministic ...
+    assert not torch.equal(a[1], b[1])           # ... while the main LSTM still drops its candidate
+    a, b = on(x, state), on(x, state)
+    assert not torch.equal(a[3], b[3])
+    m = build_recurrent("hyperlstm", I, H, recurrent_dropout=0.2, hyper_recurrent_dropout=0.0, z_input="previous",
+                        layer_norm_eps=1e-3, layer_norm_bias=False, input_init="xavier_uniform")
+    c = m.cells[0]
+    assert (c.hyper.recurrent_dropout, c.z_input, c.layer_norm_eps, c.layer_norm_bias, c.input_init) == (
+        0.0, "previous", 1e-3, False, "xavier_uniform")

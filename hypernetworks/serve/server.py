@@ -3,37 +3,53 @@
     hypernetworks serve --checkpoints runs/ my_model.ckpt [--host 127.0.0.1] [--port 8000]
 
 The page (hypernetworks/serve/static) lets a user pick a checkpoint (character model or
-handwriting model), press Generate, and watch the sample appear step by step beside four
-traces of the HyperLSTM's hidden-to-gate weight-change intensity (gates i, g, f, o).
+handwriting model), press Generate, and watch the sample grow as the model computes it, beside
+four traces of the HyperLSTM's hidden-to-gate weight-change intensity (gates i, g, f, o).
 
-The server is the standard library's ThreadingHTTPServer with a small JSON API:
+A FastAPI app under uvicorn:
 
-    GET  /api/checkpoints  -> {"checkpoints": [{"id", "name", "kind"}], "limits": {...}}
-    POST /api/generate     {"checkpoint", "length", "temperature", "seed", "prime"}
-                           -> the task's ``demo_generate`` dict {"kind", "steps", "intensity"}
+    GET  /api/checkpoints      -> {"checkpoints": [{"id", "name", "kind"}], "limits": {...}}
+    POST /api/generate/stream  {"checkpoint", "length", "temperature", "seed", "prime"}
+                               -> server-sent events: queued?, start, steps..., end (or error)
+    POST /api/generate         same body -> the whole sample as one JSON object
 
-Every request is validated; bad input gets a 4xx JSON ``{"error": message}``, never a stack
-trace. Checkpoints are loaded with ``hypernetworks.training.load_task`` on first use and cached.
-It binds 127.0.0.1 by default: it has no authentication, so only expose it on a trusted network.
+Request bodies are validated against a declared pydantic model; every error is a JSON
+``{"error": message, "status": code}`` without stack traces or absolute paths. Generations go
+through a bounded queue (``--workers`` running, ``--queue`` waiting; beyond that 503 with
+Retry-After). Host and Origin headers are checked against localhost names by default
+(``--allowed-hosts``, ``--allowed-origins``), which also stops DNS-rebinding pages. It binds
+127.0.0.1 by default: there is no authentication.
 """
-from __future__ import annotations
-
 import argparse
+import asyncio
 import collections
 import importlib
 import json
 import logging
 import math
-import mimetypes
+import os
+import re
+import socket
 import sys
 import threading
-import traceback
+import time
 from dataclasses import dataclass
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable
-from urllib.parse import unquote, urlsplit
+from typing import Any, Callable, Iterator
+from urllib.parse import urlsplit
+
+import anyio
+import pydantic_core
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.routing import APIRoute
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 log = logging.getLogger("hypernetworks.serve")
 
@@ -42,23 +58,26 @@ MAX_BODY_BYTES = 64 * 1024
 MAX_PRIME_CHARS = 1000
 TEMPERATURE_RANGE = (0.01, 10.0)
 SEED_RANGE = (0, 2**31 - 1)
-GENERATE_FIELDS = {"checkpoint", "length", "temperature", "seed", "prime"}
+DEFAULT_ALLOWED_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+KINDS = ("text", "strokes")
 
 
 class RequestError(Exception):
-    """A client error: turned into a JSON response with this status and message."""
+    """A client-visible error: a JSON response with this status and message."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
 
 
+# ------------------------------------------------------------------------------ checkpoint index
 @dataclass
 class CheckpointEntry:
     id: str
     path: Path
-    kind: str  # "text", "strokes" or "unknown" until first generation tells
+    kind: str  # "text", "strokes" or "unknown" until a first generation tells
 
 
 def _kind_from_class_path(class_path: str) -> str:
@@ -71,11 +90,11 @@ def _kind_from_class_path(class_path: str) -> str:
 
 
 def _stored_class_path(path: Path) -> str | None:
-    """The task class a checkpoint records, read without loading its weights (None if unreadable)."""
+    """The task class a checkpoint records, read without running code (None if unreadable)."""
     try:
         import torch
 
-        # mmap: only the small hparams dict is actually read from disk.
+        # weights_only: no pickled code runs; mmap: only the small hparams dict is read from disk.
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # an unreadable file is reported when it is first used, not at listing
         return None
@@ -89,8 +108,8 @@ def _stored_class_path(path: Path) -> str | None:
 
 
 def _has_demo(class_path: str | None) -> bool | None:
-    """Whether the package's task class has ``demo_generate``; None when that cannot be told
-    without importing code from outside the package."""
+    """Whether the package's task class has ``demo_stream``; None when that cannot be told without
+    importing code from outside the package."""
     if not class_path or not class_path.startswith("hypernetworks."):
         return None
     module_name, _, name = class_path.rpartition(".")
@@ -98,7 +117,7 @@ def _has_demo(class_path: str | None) -> bool | None:
         cls = getattr(importlib.import_module(module_name), name)
     except Exception:
         return None
-    return callable(getattr(cls, "demo_generate", None))
+    return callable(getattr(cls, "demo_stream", None))
 
 
 def checkpoint_kind(path: Path) -> str:
@@ -106,42 +125,143 @@ def checkpoint_kind(path: Path) -> str:
     return _kind_from_class_path(_stored_class_path(path) or "")
 
 
+class CheckpointIndex:
+    """The servable checkpoints under some files and folders, kept current cheaply.
+
+    Each ``entries()`` call stats the folders seen at the last scan (and the named files); only
+    when a folder's modification time changed (a file or sub-folder added, removed or renamed
+    into place) is the tree walked again, and only new or rewritten files are opened to read
+    their task class. Ids are paths relative to the folder given (or the file name for a file
+    given by name), so they stay stable across rescans and reveal nothing above that folder.
+    """
+
+    def __init__(self, sources: list[str | Path]):
+        if not sources:
+            raise ValueError("checkpoints: need at least one checkpoint file or directory")
+        self.sources = [Path(s).expanduser() for s in sources]
+        for p in self.sources:
+            if not p.exists():
+                raise ValueError(f"checkpoints: no such file or directory: {p}")
+            if p.is_dir() and not any(p.rglob("*.ckpt")):
+                raise ValueError(f"checkpoints: no *.ckpt files under directory {p}")
+        self._stamps: dict[Path, int | None] = {}  # folder or named file -> st_mtime_ns at last scan
+        self._class_paths: dict[Path, tuple[int, str | None]] = {}  # file -> (mtime_ns, class path)
+        self._entries: dict[str, CheckpointEntry] = {}
+        self._lock = threading.Lock()
+        self.scans = 0  # full walks so far (tests check that unchanged folders are not walked)
+        self.entries()
+        if not self._entries:
+            raise ValueError(f"checkpoints: none of {', '.join(map(str, sources))} holds a text or handwriting model")
+
+    @staticmethod
+    def _mtime(path: Path) -> int | None:
+        try:
+            return path.stat().st_mtime_ns
+        except OSError:
+            return None
+
+    def _changed(self) -> bool:
+        if not self._stamps:
+            return True
+        return any(self._mtime(p) != stamp for p, stamp in self._stamps.items())
+
+    def entries(self) -> dict[str, CheckpointEntry]:
+        with self._lock:
+            if self._changed():
+                self._scan()
+            return self._entries
+
+    def get(self, ckpt_id: str) -> CheckpointEntry | None:
+        return self.entries().get(ckpt_id)
+
+    def _scan(self) -> None:
+        self.scans += 1
+        stamps: dict[Path, int | None] = {}
+        found: list[tuple[str, Path, bool]] = []
+        for src in self.sources:
+            stamps[src] = self._mtime(src)
+            if src.is_dir():
+                for folder, dirs, files in os.walk(src):
+                    dirs.sort()
+                    stamps[Path(folder)] = self._mtime(Path(folder))
+                    for name in sorted(files):
+                        if name.endswith(".ckpt"):
+                            f = Path(folder, name)
+                            found.append((f.relative_to(src).as_posix(), f, False))
+            elif src.is_file():
+                found.append((src.name, src, True))
+        entries: dict[str, CheckpointEntry] = {}
+        seen: set[Path] = set()
+        used: collections.Counter[str] = collections.Counter()
+        class_paths: dict[Path, tuple[int, str | None]] = {}
+        for name, path, explicit in found:
+            resolved = path.resolve()
+            mtime = self._mtime(resolved)
+            if resolved in seen or mtime is None:
+                continue
+            seen.add(resolved)
+            cached = self._class_paths.get(resolved)
+            class_path = cached[1] if cached and cached[0] == mtime else _stored_class_path(resolved)
+            class_paths[resolved] = (mtime, class_path)
+            if not explicit and _has_demo(class_path) is False:
+                log.info("skipping %s: %s has no demo_stream", path, class_path)
+                continue
+            used[name] += 1
+            ident = name if used[name] == 1 else f"{name} ({used[name]})"
+            old = self._entries.get(ident)
+            kind = _kind_from_class_path(class_path or "")
+            if kind == "unknown" and old is not None and old.path == resolved:
+                kind = old.kind  # learnt from a generation
+            entries[ident] = CheckpointEntry(ident, resolved, kind)
+        self._stamps, self._class_paths, self._entries = stamps, class_paths, entries
+
+
 def find_checkpoints(paths: list[str | Path]) -> list[CheckpointEntry]:
     """Expand files and directories (searched recursively for *.ckpt) into uniquely named entries.
 
-    Checkpoints found in a directory whose task has no ``demo_generate`` (an image classifier, say)
+    Checkpoints found in a directory whose task has no ``demo_stream`` (an image classifier, say)
     are left out; files named explicitly are always listed.
     """
-    found: list[tuple[str, Path, bool]] = []
-    for raw in paths:
-        p = Path(raw).expanduser()
-        if p.is_dir():
-            files = sorted(f for f in p.rglob("*.ckpt") if f.is_file())
-            if not files:
-                raise ValueError(f"checkpoints: no *.ckpt files under directory {p}")
-            found += [(f.relative_to(p).as_posix(), f, False) for f in files]
-        elif p.is_file():
-            found.append((p.name, p, True))
-        else:
-            raise ValueError(f"checkpoints: no such file or directory: {p}")
-    entries: list[CheckpointEntry] = []
-    seen_paths: set[Path] = set()
-    used: collections.Counter[str] = collections.Counter()
-    for name, path, explicit in found:
-        resolved = path.resolve()
-        if resolved in seen_paths:
-            continue
-        seen_paths.add(resolved)
-        class_path = _stored_class_path(resolved)
-        if not explicit and _has_demo(class_path) is False:
-            log.info("skipping %s: %s has no demo_generate", path, class_path)
-            continue
-        used[name] += 1
-        ident = name if used[name] == 1 else f"{name} ({used[name]})"
-        entries.append(CheckpointEntry(ident, resolved, _kind_from_class_path(class_path or "")))
-    if not entries:
-        raise ValueError(f"checkpoints: none of {', '.join(map(str, paths))} holds a text or handwriting model")
-    return entries
+    return list(CheckpointIndex(paths).entries().values())
+
+
+# ------------------------------------------------------------------------------ helpers
+_ABS_PATH = re.compile(r"(?<![\w.~-])(?:[A-Za-z]:)?[/\\](?:[^\s'\"/\\:]+[/\\])+[^\s'\":,;)]*")
+
+
+def _scrub(message: str, index: CheckpointIndex | None = None) -> str:
+    """A message with absolute paths removed: known checkpoint paths become their ids, served
+    folders ``<checkpoints>``, anything else that looks like an absolute path ``<path>``."""
+    if index is not None:
+        for entry in list(index._entries.values()):
+            message = message.replace(str(entry.path), entry.id)
+        for src in index.sources:
+            for form in {str(src.resolve()), str(src.absolute()), str(src)}:
+                if os.path.isabs(form):
+                    message = message.replace(form, "<checkpoints>")
+    return _ABS_PATH.sub("<path>", message)
+
+
+def _shown(value: Any) -> str:
+    if value == "":
+        return "an empty value"
+    try:
+        return json.dumps(value)[:80]
+    except (TypeError, ValueError):
+        return type(value).__name__
+
+
+def _finite(x: Any) -> Any:
+    """NaN/inf (invalid JSON) as None, recursively: a diverged model should still be viewable."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if hasattr(x, "tolist"):  # numpy / torch values inside a result
+        return _finite(x.tolist())
+    return x
 
 
 def _default_loader(path: Path):
@@ -150,78 +270,103 @@ def _default_loader(path: Path):
     return load_task(path, map_location="cpu")
 
 
-def _shown(value: Any) -> str:
-    return "an empty value" if value == "" else json.dumps(value)[:80]
+def generate_request_model(max_length: int) -> type[BaseModel]:
+    """The declared body of the generate endpoints (its limits depend on ``--max-length``)."""
+
+    class GenerateRequest(BaseModel):
+        # strict: "5" is not a length and true is not a seed; unknown fields are mistakes.
+        model_config = ConfigDict(extra="forbid", strict=True)
+        checkpoint: str = Field(min_length=1, max_length=1000, description="an id from GET /api/checkpoints")
+        length: int = Field(min(200, max_length), ge=1, le=max_length, description="steps to generate")
+        temperature: float = Field(1.0, ge=TEMPERATURE_RANGE[0], le=TEMPERATURE_RANGE[1], allow_inf_nan=False)
+        seed: int = Field(0, ge=SEED_RANGE[0], le=SEED_RANGE[1], description="same seed, same sample")
+        prime: str = Field("", max_length=MAX_PRIME_CHARS, description="text the model continues (text models)")
+
+    return GenerateRequest
 
 
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
+# ------------------------------------------------------------------------------ generation
+class GenerationQueue:
+    """At most ``workers`` generations run at once and at most ``queue`` more wait; a request
+    beyond that is refused at once (503 + Retry-After) rather than left hanging. Used from the
+    event loop only, so the counters need no lock."""
+
+    def __init__(self, workers: int, queue: int):
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        if queue < 0:
+            raise ValueError(f"queue must be >= 0, got {queue}")
+        self.workers, self.queue = workers, queue
+        self.admitted = 0  # running + waiting
+        self.running = 0
+        self._slots = asyncio.Semaphore(workers)
+        self._mean_seconds = 1.0  # running mean of generation time, for Retry-After
+
+    def admit(self) -> None:
+        if self.admitted >= self.workers + self.queue:
+            # Roughly when a slot frees: the queue ahead, at the mean generation time.
+            wait = self._mean_seconds * (self.admitted - self.workers + 1) / self.workers
+            retry = str(max(1, min(60, math.ceil(wait))))
+            raise RequestError(503, f"the server is busy ({self.running} generating, {self.admitted - self.running} "
+                               f"waiting); try again in {retry} s", {"Retry-After": retry})
+        self.admitted += 1
+
+    def leave(self) -> None:
+        self.admitted -= 1
+
+    @property
+    def waiting(self) -> int:
+        return self.admitted - self.running
+
+    async def __aenter__(self):
+        await self._slots.acquire()
+        self.running += 1
+        self._started = time.monotonic()
+        return self
+
+    async def __aexit__(self, *exc):
+        self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (time.monotonic() - self._started)
+        self.running -= 1
+        self._slots.release()
 
 
-def _to_jsonable(obj: Any) -> Any:
-    """numpy / torch scalars and arrays inside a demo_generate result, as plain lists and numbers."""
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if hasattr(obj, "item"):
-        return obj.item()
-    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
-
-
-def _finite(x: Any) -> Any:
-    """Replace NaN/inf (invalid JSON) by None recursively: a diverged model should still be viewable."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, list):
-        return [_finite(v) for v in x]
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    return x
+def _take(items: Iterator, flush_interval: float, max_steps: int) -> list:
+    """The next steps of a stream: at least one, then more until ``flush_interval`` seconds have
+    passed (so the page gets about 1 / flush_interval updates a second however fast the model)."""
+    out = []
+    start = time.monotonic()
+    for item in items:
+        out.append(item)
+        if len(out) >= max_steps or time.monotonic() - start >= flush_interval:
+            break
+    return out
 
 
 class DemoApp:
-    """Checkpoint registry, request validation and a small cache of loaded tasks."""
+    """The checkpoint index, a small cache of loaded tasks, and the generation queue."""
 
-    def __init__(
-        self,
-        checkpoints: list[CheckpointEntry],
-        *,
-        loader: Callable[[Path], Any] | None = None,
-        max_length: int = 2000,
-        cache_size: int = 4,
-        sources: list[str | Path] | None = None,
-    ):
-        """``sources``: the files/directories the list came from; when given, the list is rescanned
-        on each listing (and for an unknown id), so runs that are still training show up."""
+    def __init__(self, index: CheckpointIndex, *, loader: Callable[[Path], Any] | None = None,
+                 max_length: int = 2000, cache_size: int = 4, workers: int = 1, queue: int = 8,
+                 flush_interval: float = 0.03):
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         if cache_size < 1:
             raise ValueError(f"cache_size must be >= 1, got {cache_size}")
-        self.checkpoints = {c.id: c for c in checkpoints}
-        self.sources = list(sources or [])
+        if flush_interval < 0:
+            raise ValueError(f"flush_interval must be >= 0, got {flush_interval}")
+        self.index = index
         self.loader = loader or _default_loader
         self.max_length = max_length
         self.cache_size = cache_size
-        # id -> (path, mtime, task): a checkpoint rewritten by a training run is loaded again.
-        self._cache: collections.OrderedDict[str, tuple[Path, float, Any]] = collections.OrderedDict()
-        # One generation at a time: tasks seed global RNGs and share CPU threads.
-        self._lock = threading.Lock()
-
-    # --- API -----------------------------------------------------------------------------
-    def refresh(self) -> None:
-        """Rescan the sources: new checkpoints appear, deleted ones go (ids are relative paths, so stable)."""
-        if not self.sources:
-            return
-        present = [src for src in self.sources if Path(src).expanduser().exists()]
-        try:
-            entries = find_checkpoints(present) if present else []
-        except ValueError:
-            entries = []
-        self.checkpoints = {c.id: c for c in entries}  # one assignment: readers see old or new
+        self.flush_interval = flush_interval
+        self.queue = GenerationQueue(workers, queue)
+        # id -> (path, mtime_ns, task): a checkpoint rewritten by a training run is loaded again.
+        self._cache: collections.OrderedDict[str, tuple[Path, int, Any]] = collections.OrderedDict()
+        self._cache_lock = threading.Lock()
 
     def list_checkpoints(self) -> dict:
-        self.refresh()
         return {
-            "checkpoints": [{"id": c.id, "name": c.id, "kind": c.kind} for c in self.checkpoints.values()],
+            "checkpoints": [{"id": c.id, "name": c.id, "kind": c.kind} for c in self.index.entries().values()],
             "limits": {
                 "length": [1, self.max_length],
                 "temperature": list(TEMPERATURE_RANGE),
@@ -230,243 +375,317 @@ class DemoApp:
             },
         }
 
-    def parse_generate(self, body: bytes) -> dict:
-        try:
-            req = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-        except (UnicodeDecodeError, ValueError) as e:
-            raise RequestError(400, f"request body is not valid JSON: {e}") from None
-        if not isinstance(req, dict):
-            raise RequestError(400, "request body must be a JSON object")
-        unknown = sorted(set(req) - GENERATE_FIELDS)
-        if unknown:
-            raise RequestError(400, f"unknown field(s): {', '.join(unknown)}; allowed: {', '.join(sorted(GENERATE_FIELDS))}")
-        ckpt = req.get("checkpoint")
-        if not isinstance(ckpt, str) or not ckpt:
-            raise RequestError(400, "checkpoint must be a non-empty string (one of GET /api/checkpoints)")
-        if ckpt not in self.checkpoints:
-            self.refresh()
-        if ckpt not in self.checkpoints:
-            raise RequestError(404, f"unknown checkpoint {ckpt!r}")
-        length = req.get("length", 200)
-        if isinstance(length, float) and length.is_integer():
-            length = int(length)
-        if isinstance(length, bool) or not isinstance(length, int):
-            raise RequestError(400, f"length must be an integer, got {_shown(length)}")
-        if not 1 <= length <= self.max_length:
-            raise RequestError(400, f"length must be between 1 and {self.max_length}, got {length}")
-        temperature = req.get("temperature", 1.0)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-            raise RequestError(400, f"temperature must be a number, got {_shown(temperature)}")
-        lo, hi = TEMPERATURE_RANGE
-        if not lo <= temperature <= hi:
-            raise RequestError(400, f"temperature must be between {lo} and {hi}, got {temperature}")
-        seed = req.get("seed", 0)
-        if isinstance(seed, float) and seed.is_integer():
-            seed = int(seed)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise RequestError(400, f"seed must be an integer, got {_shown(seed)}")
-        if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
-            raise RequestError(400, f"seed must be between {SEED_RANGE[0]} and {SEED_RANGE[1]}, got {seed}")
-        prime = req.get("prime", "")
-        if not isinstance(prime, str):
-            raise RequestError(400, f"prime must be a string, got {_shown(prime)}")
-        if len(prime) > MAX_PRIME_CHARS:
-            raise RequestError(400, f"prime must be at most {MAX_PRIME_CHARS} characters, got {len(prime)}")
-        return {"checkpoint": ckpt, "length": length, "temperature": float(temperature), "seed": seed, "prime": prime}
+    def entry(self, ckpt_id: str) -> CheckpointEntry:
+        entry = self.index.get(ckpt_id)
+        if entry is None:
+            raise RequestError(404, f"unknown checkpoint {_shown(ckpt_id)} (GET /api/checkpoints lists them)")
+        return entry
 
-    def task(self, ckpt_id: str):
-        """The loaded task for a checkpoint id (LRU cache); call with self._lock held."""
-        entry = self.checkpoints.get(ckpt_id)
-        if entry is None:  # removed by a rescan since the request was checked
-            raise RequestError(404, f"unknown checkpoint {ckpt_id!r}")
+    def task(self, entry: CheckpointEntry):
+        """The loaded task for a checkpoint (LRU cache); runs in a worker thread."""
         try:
-            mtime = entry.path.stat().st_mtime
+            mtime = entry.path.stat().st_mtime_ns
         except OSError:
-            self._cache.pop(ckpt_id, None)
-            raise RequestError(404, f"checkpoint {ckpt_id!r} no longer exists ({entry.path})") from None
-        cached = self._cache.get(ckpt_id)
-        if cached is not None and cached[:2] == (entry.path, mtime):
-            self._cache.move_to_end(ckpt_id)
-            return cached[2]
-        try:
-            task = self.loader(entry.path)
-        except Exception as e:
-            log.exception("loading %s failed", entry.path)
-            raise RequestError(500, f"could not load checkpoint {ckpt_id!r}: {type(e).__name__}: {e}") from None
-        if not callable(getattr(task, "demo_generate", None)):
-            raise RequestError(400, f"checkpoint {ckpt_id!r} ({type(task).__name__}) has no demo_generate: not a text or handwriting model")
-        if hasattr(task, "eval"):
-            task.eval()
-        self._cache[ckpt_id] = (entry.path, mtime, task)
-        self._cache.move_to_end(ckpt_id)
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+            raise RequestError(404, f"checkpoint {entry.id!r} no longer exists") from None
+        with self._cache_lock:  # one load at a time: two requests for a new file load it once
+            cached = self._cache.get(entry.id)
+            if cached is not None and cached[:2] == (entry.path, mtime):
+                self._cache.move_to_end(entry.id)
+                return cached[2]
+            try:
+                task = self.loader(entry.path)
+            except Exception as e:
+                log.exception("loading %s failed", entry.path)
+                raise RequestError(500, f"could not load checkpoint {entry.id!r}: {type(e).__name__}: "
+                                   f"{_scrub(str(e), self.index)}") from None
+            if not callable(getattr(task, "demo_stream", None)) or getattr(task, "demo_kind", None) not in KINDS:
+                raise RequestError(400, f"checkpoint {entry.id!r} ({type(task).__name__}) has no demo_stream: "
+                                   "not a text or handwriting model")
+            if hasattr(task, "eval"):
+                task.eval()
+            self._cache[entry.id] = (entry.path, mtime, task)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        entry.kind = task.demo_kind
         return task
 
-    def generate(self, body: bytes) -> dict:
-        args = self.parse_generate(body)
-        ckpt_id = args.pop("checkpoint")
-        with self._lock:
-            task = self.task(ckpt_id)
+    def _open_stream(self, task, entry: CheckpointEntry, args: dict) -> Iterator:
+        try:
+            return iter(task.demo_stream(**args))
+        except ValueError as e:  # the task's own check of its arguments (prime outside the vocabulary, ...)
+            raise RequestError(400, _scrub(str(e), self.index)) from None
+
+    def _next_chunk(self, items: Iterator, entry: CheckpointEntry) -> list:
+        try:
+            return _take(items, self.flush_interval, self.max_length)
+        except ValueError as e:
+            raise RequestError(400, _scrub(str(e), self.index)) from None
+        except Exception as e:
+            log.exception("generation failed for %s", entry.path)
+            raise RequestError(500, f"generation failed: {type(e).__name__}: {_scrub(str(e), self.index)}") from None
+
+    async def events(self, entry: CheckpointEntry, args: dict) -> Any:
+        """The generation as events, each computed just before it is sent: ``("queued", ...)``
+        while waiting, then ``start``, ``steps`` (each with the next steps the model made since
+        the last one), ``end``. Must be called with the request admitted to the queue."""
+        q = self.queue
+        if q.running >= q.workers:
+            yield "queued", {"ahead": q.waiting - 1, "running": q.running}
+        async with q:
+            t0 = time.monotonic()
+            task = await anyio.to_thread.run_sync(self.task, entry)
+            items = await anyio.to_thread.run_sync(self._open_stream, task, entry, args)
             try:
-                result = task.demo_generate(**args)
-            except ValueError as e:  # the task's own check of its arguments (e.g. prime outside the vocabulary)
-                raise RequestError(400, str(e)) from None
-            except Exception as e:
-                log.error("demo_generate failed for %s:\n%s", ckpt_id, traceback.format_exc())
-                raise RequestError(500, f"generation failed: {type(e).__name__}: {e}") from None
+                yield "start", {"checkpoint": entry.id, "kind": task.demo_kind, "length": args["length"]}
+                t = 0
+                while True:
+                    chunk = await anyio.to_thread.run_sync(self._next_chunk, items, entry)
+                    if not chunk:
+                        break
+                    steps, intensity = zip(*chunk)
+                    yield "steps", {"t": t, "steps": _finite(list(steps)), "intensity": _finite(list(intensity))}
+                    t += len(chunk)
+                yield "end", {"steps": t, "seconds": round(time.monotonic() - t0, 3)}
+            finally:
+                # A generator left early (client gone): let it restore the model's mode now. Called
+                # here, not in a thread: a cancelled scope would skip an await, and it is quick.
+                close = getattr(items, "close", None)
+                if close is not None:
+                    close()
+
+
+# ------------------------------------------------------------------------------ web app
+class _JSONRequest(Request):
+    async def json(self) -> Any:
+        # pydantic-core's parser stops at depth 200 with a ValueError, where json.loads would hit
+        # a RecursionError (a 500) on a deeply nested body; NaN and Infinity are not JSON.
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                self._json = pydantic_core.from_json(body, allow_inf_nan=False)
+            except ValueError as e:
+                raise json.JSONDecodeError(str(e), body.decode("utf-8", "replace")[:200], 0) from None
+        return self._json
+
+
+class _Route(APIRoute):
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def route_handler(request: Request):
+            return await handler(_JSONRequest(request.scope, request.receive))
+
+        return route_handler
+
+
+class OriginCheckMiddleware:
+    """Refuse (403) a request whose Origin header names another site: a page elsewhere (or on a
+    DNS-rebinding name) must not drive the models. Same-origin requests, origins listed in
+    ``allowed_origins`` and requests without an Origin (curl, scripts) pass."""
+
+    def __init__(self, app: ASGIApp, allowed_origins: list[str] | None = None):
+        self.app = app
+        self.allowed = {o.rstrip("/").lower() for o in allowed_origins or []}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            origin = headers.get("origin")
+            if origin is not None:
+                parts = urlsplit(origin.lower())
+                same = parts.scheme in ("http", "https") and parts.netloc == headers.get("host", "").lower()
+                if not same and origin.rstrip("/").lower() not in self.allowed:
+                    response = _error_response(403, f"origin {_shown(origin)} is not allowed "
+                                               "(hypernetworks serve --allowed-origins)")
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+def _error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "status": status}, status_code=status,
+                        headers={"Cache-Control": "no-store", **(headers or {})})
+
+
+def _validation_message(errors: list[dict]) -> str:
+    parts = []
+    for err in errors:
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        field = ".".join(loc)
+        if err.get("type") == "json_invalid":
+            parts.append(f"request body is not valid JSON: {err.get('ctx', {}).get('error', '')}".rstrip(": "))
+            continue
+        if err.get("type") == "missing" and not loc:
+            parts.append("request body must be a JSON object")
+            continue
+        if err.get("type") == "model_attributes_type" or (not loc and "dict" in err.get("msg", "")):
+            parts.append("request body must be a JSON object")
+            continue
+        msg = err.get("msg", "invalid")
+        got = "" if err.get("type") in ("missing", "extra_forbidden") else f", got {_shown(err.get('input'))}"
+        parts.append(f"{field or 'body'}: {msg}{got}")
+    return "; ".join(parts) or "invalid request"
+
+
+def make_app(checkpoints: list[str | Path], *, loader: Callable[[Path], Any] | None = None,
+             max_length: int = 2000, workers: int = 1, queue: int = 8, flush_interval: float = 0.03,
+             allowed_hosts: list[str] | None = None, allowed_origins: list[str] | None = None) -> FastAPI:
+    """The demo's ASGI app; ``app.state.demo`` is its :class:`DemoApp`."""
+    demo = DemoApp(CheckpointIndex(checkpoints), loader=loader, max_length=max_length, workers=workers,
+                   queue=queue, flush_interval=flush_interval)
+    GenerateRequest = generate_request_model(max_length)
+    app = FastAPI(title="hypernetworks demo", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json",
+                  max_body_size=MAX_BODY_BYTES)
+    app.router.route_class = _Route
+    app.state.demo = demo
+    app.add_middleware(OriginCheckMiddleware, allowed_origins=allowed_origins)
+    # Added last, so it runs first: a request for another host name is refused before anything.
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts or DEFAULT_ALLOWED_HOSTS),
+                       www_redirect=False)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, exc: RequestError):
+        return _error_response(exc.status, exc.message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return _error_response(422, _validation_message(list(exc.errors())))
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException):
+        return _error_response(exc.status_code, str(exc.detail), exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):  # never a stack trace to the client
+        log.exception("internal error")
+        return _error_response(500, f"internal error: {type(exc).__name__}")
+
+    async def admitted(body: GenerateRequest):  # type: ignore[valid-type]
+        """Checks the checkpoint and takes a place in the queue before the response starts, so a
+        full queue is a 503 and an unknown id a 404 (not an error inside a 200 stream)."""
+        entry = demo.entry(body.checkpoint)
+        demo.queue.admit()
         try:
-            result = json.loads(json.dumps(result, default=_to_jsonable))
-        except (TypeError, ValueError) as e:
-            raise RequestError(500, f"demo_generate returned data that is not JSON-able: {e}") from None
-        if not isinstance(result, dict) or result.get("kind") not in ("text", "strokes"):
-            raise RequestError(500, "demo_generate must return a dict with kind 'text' or 'strokes'")
-        if not isinstance(result.get("steps"), list) or not isinstance(result.get("intensity"), list):
-            raise RequestError(500, "demo_generate must return lists 'steps' and 'intensity'")
-        if ckpt_id in self.checkpoints:
-            self.checkpoints[ckpt_id].kind = result["kind"]
-        result["checkpoint"] = ckpt_id
-        return _finite(result)
+            yield entry, body.model_dump(exclude={"checkpoint"})
+        finally:
+            demo.queue.leave()
 
+    @app.get("/api/checkpoints")
+    async def list_checkpoints():
+        return JSONResponse(demo.list_checkpoints(), headers={"Cache-Control": "no-store"})
 
-class DemoHandler(BaseHTTPRequestHandler):
-    server_version = "hypernetworks-serve/1"
-    # A client that opens a connection and sends nothing must not hold a thread forever.
-    timeout = 30
-    app: DemoApp  # set on the subclass built by make_server
-
-    # --- plumbing ------------------------------------------------------------------------
-    def log_message(self, format: str, *args: Any) -> None:
-        log.info("%s - %s", self.address_string(), format % args)
-
-    def _send(self, status: int, body: bytes, content_type: str, extra: dict | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        for k, v in (extra or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _json(self, status: int, obj: Any) -> None:
-        self._send(status, json.dumps(obj, allow_nan=False).encode("utf-8"), "application/json; charset=utf-8")
-
-    def _error(self, status: int, message: str) -> None:
-        self._json(status, {"error": message, "status": status})
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        # http.server's own errors (malformed request line, ...) as JSON too, without its HTML page.
-        self.close_connection = True
+    @app.post("/api/generate/stream", response_class=EventSourceResponse)
+    async def generate_stream(job=Depends(admitted)):
+        entry, args = job
         try:
-            self._error(code, message or HTTPStatus(code).phrase)
-        except Exception:
-            pass
+            async for event, data in demo.events(entry, args):
+                yield ServerSentEvent(event=event, raw_data=json.dumps(data, allow_nan=False))
+        except RequestError as e:  # after the 200: reported as the stream's last event
+            yield ServerSentEvent(event="error", raw_data=json.dumps({"error": e.message, "status": e.status}))
 
-    # --- routes --------------------------------------------------------------------------
-    def do_GET(self) -> None:
-        path = urlsplit(self.path).path
-        if path == "/api/checkpoints":
-            self._json(200, self.app.list_checkpoints())
-        elif path == "/api/generate":
-            self._error(405, "use POST for /api/generate")
-        elif path.startswith("/api/"):
-            self._error(404, f"no API endpoint {path}")
-        else:
-            self._static(path)
+    @app.post("/api/generate")
+    async def generate(job=Depends(admitted)):
+        entry, args = job
+        result: dict[str, Any] = {"steps": [], "intensity": []}
+        async for event, data in demo.events(entry, args):
+            if event == "start":
+                result.update(kind=data["kind"], checkpoint=data["checkpoint"])
+            elif event == "steps":
+                result["steps"] += data["steps"]
+                result["intensity"] += data["intensity"]
+        return JSONResponse(result, headers={"Cache-Control": "no-store"})
 
-    do_HEAD = do_GET
+    @app.get("/", include_in_schema=False)
+    async def index():
+        # The page loads nothing from elsewhere; the policy makes the browser enforce that.
+        return FileResponse(STATIC_DIR / "index.html", headers={
+            "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+            "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'"})
 
-    def do_POST(self) -> None:
-        path = urlsplit(self.path).path
-        if path == "/api/checkpoints":
-            self._error(405, "use GET for /api/checkpoints")
-            return
-        if path != "/api/generate":
-            self._error(404, f"no POST endpoint {path}")
-            return
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+# ------------------------------------------------------------------------------ server
+class DemoServer:
+    """uvicorn serving the app on a socket bound at construction (port 0 picks a free port)."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "warning",
+                 limit_concurrency: int = 512):
+        self.app = app
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            body = self._read_body()
-            self._json(200, self.app.generate(body))
-        except RequestError as e:
-            self._error(e.status, e.message)
-        except Exception as e:  # never a stack trace to the client
-            log.error("internal error:\n%s", traceback.format_exc())
-            self._error(500, f"internal error: {type(e).__name__}")
+            self.socket.bind((host, port))
+            # Listening from here on: connections made before uvicorn starts wait in the backlog
+            # (uvicorn's default 2048, not http.server's 5 that reset bursts) instead of being refused.
+            self.socket.listen(2048)
+        except OSError:
+            self.socket.close()
+            raise
+        # limit_concurrency: past this many connections uvicorn itself answers 503.
+        self.config = uvicorn_config(app, log_level=log_level, limit_concurrency=limit_concurrency)
+        self.server = _uvicorn().Server(self.config)
+        self._thread: threading.Thread | None = None
 
-    def _method_not_allowed(self) -> None:
-        self._error(405, f"method {self.command} not allowed")
+    @property
+    def server_address(self) -> tuple[str, int]:
+        return self.socket.getsockname()[:2]
 
-    do_PUT = do_DELETE = do_PATCH = _method_not_allowed
+    @property
+    def url(self) -> str:
+        host, port = self.server_address
+        return f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
 
-    def _read_body(self) -> bytes:
-        raw = self.headers.get("Content-Length")
-        if raw is None:
-            raise RequestError(411, "Content-Length header required")
-        try:
-            n = int(raw)
-        except ValueError:
-            raise RequestError(400, f"bad Content-Length {raw!r}") from None
-        if n < 0:
-            raise RequestError(400, f"bad Content-Length {raw!r}")
-        if n > MAX_BODY_BYTES:
-            self.close_connection = True  # do not read (or wait for) a huge body
-            raise RequestError(413, f"request body too large ({n} bytes; at most {MAX_BODY_BYTES})")
-        body = self.rfile.read(n)
-        if len(body) != n:
-            raise RequestError(400, "request body shorter than Content-Length")
-        return body
+    def serve_forever(self) -> None:
+        self.server.run(sockets=[self.socket])
 
-    def _static(self, path: str) -> None:
-        name = unquote(path).lstrip("/") or "index.html"
-        if name.startswith("static/"):
-            name = name[len("static/"):]
-        # Only the files that exist directly in static/ are served: no separators, no dot files,
-        # so no path (encoded or not) can leave the folder.
-        files = _static_files()
-        if name not in files:
-            self._error(404, f"not found: {path}")
-            return
-        ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
-        if ctype.startswith("text/") or ctype.endswith("javascript"):
-            ctype += "; charset=utf-8"
-        self._send(200, files[name].read_bytes(), ctype)
+    def start(self, timeout: float = 30.0) -> "DemoServer":
+        """Serve from a background thread (tests, benchmarks); returns once it accepts connections."""
+        self._thread = threading.Thread(target=self.serve_forever, name="hypernetworks-serve", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the demo server did not start")
+            time.sleep(0.01)
+        return self
 
+    def shutdown(self) -> None:
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.socket.close()
 
-def _static_files() -> dict[str, Path]:
-    return {p.name: p for p in STATIC_DIR.iterdir() if p.is_file() and not p.name.startswith(".")}
+    def __enter__(self) -> "DemoServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
 
-def make_server(
-    checkpoints: list[str | Path] | list[CheckpointEntry],
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    *,
-    loader: Callable[[Path], Any] | None = None,
-    max_length: int = 2000,
-) -> ThreadingHTTPServer:
-    """Build (and bind) the demo server; ``server.app`` is its DemoApp. Port 0 picks a free port."""
-    if not checkpoints:
-        raise ValueError("checkpoints: need at least one checkpoint file or directory")
-    if isinstance(checkpoints[0], CheckpointEntry):
-        entries, sources = list(checkpoints), None
-    else:
-        entries, sources = find_checkpoints(checkpoints), list(checkpoints)  # type: ignore[arg-type]
-    app = DemoApp(entries, loader=loader, max_length=max_length, sources=sources)  # type: ignore[arg-type]
-    handler = type("BoundDemoHandler", (DemoHandler,), {"app": app})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    server.app = app  # type: ignore[attr-defined]
-    return server
+def _uvicorn():
+    import uvicorn
+
+    return uvicorn
+
+
+def uvicorn_config(app: FastAPI, **kw):
+    return _uvicorn().Config(app, timeout_graceful_shutdown=3, server_header=False, **kw)
+
+
+def make_server(checkpoints: list[str | Path], host: str = "127.0.0.1", port: int = 8000, **app_kw) -> DemoServer:
+    """Build the app and bind its server (not yet serving: ``.start()`` or ``.serve_forever()``)."""
+    log_level = app_kw.pop("log_level", "warning")
+    return DemoServer(make_app(checkpoints, **app_kw), host, port, log_level=log_level)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hypernetworks serve",
         description="Local demo page: pick a checkpoint, press Generate, watch the text or handwriting "
-        "appear beside the HyperLSTM's weight-change traces.",
+        "grow step by step beside the HyperLSTM's weight-change traces.",
     )
     p.add_argument("--checkpoints", nargs="+", required=True, metavar="PATH",
                    help="checkpoint files (.ckpt) and/or directories searched recursively for *.ckpt")
@@ -474,38 +693,47 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to bind (default 127.0.0.1; the server has no authentication)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--max-length", type=int, default=2000, help="largest generation length a request may ask for")
+    p.add_argument("--workers", type=int, default=1, help="generations run at the same time (default 1)")
+    p.add_argument("--queue", type=int, default=8,
+                   help="generations that may wait for a worker; more get 503 + Retry-After (default 8)")
+    p.add_argument("--allowed-hosts", nargs="+", default=list(DEFAULT_ALLOWED_HOSTS), metavar="NAME",
+                   help="Host header names accepted (default: localhost 127.0.0.1 [::1]; '*.example.org' "
+                   "patterns work); add the name clients use when binding another address")
+    p.add_argument("--allowed-origins", nargs="*", default=[], metavar="ORIGIN",
+                   help="extra Origins (scheme://host:port) whose pages may call the API; the page's own "
+                   "origin is always allowed")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not 0 <= args.port <= 65535:
-        print(f"hypernetworks serve: --port must be in 0..65535, got {args.port}", file=sys.stderr)
-        return 2
-    if args.max_length < 1:
-        print(f"hypernetworks serve: --max-length must be >= 1, got {args.max_length}", file=sys.stderr)
-        return 2
+    for name, value, low in (("--port", args.port, 0), ("--max-length", args.max_length, 1),
+                             ("--workers", args.workers, 1), ("--queue", args.queue, 0)):
+        if value < low or (name == "--port" and value > 65535):
+            limit = "in 0..65535" if name == "--port" else f">= {low}"
+            print(f"hypernetworks serve: {name} must be {limit}, got {value}", file=sys.stderr)
+            return 2
     try:
-        server = make_server(args.checkpoints, args.host, args.port, max_length=args.max_length)
-    except ValueError as e:
+        server = make_server(args.checkpoints, args.host, args.port, max_length=args.max_length,
+                             workers=args.workers, queue=args.queue, allowed_hosts=args.allowed_hosts,
+                             allowed_origins=args.allowed_origins, log_level="info")
+    except (ValueError, AssertionError) as e:  # TrustedHostMiddleware asserts on bad patterns
         print(f"hypernetworks serve: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"hypernetworks serve: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1
-    host, port = server.server_address[:2]
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: listening on {args.host}: anyone who can reach it can run the models", file=sys.stderr)
-    for c in server.app.checkpoints.values():  # type: ignore[attr-defined]
+        print(f"warning: listening on {args.host}: anyone who can reach it can run the models; requests must "
+              f"name one of these hosts: {' '.join(args.allowed_hosts)} (--allowed-hosts)", file=sys.stderr)
+    for c in server.app.state.demo.index.entries().values():
         print(f"  {c.kind:<8} {c.id}  ({c.path})")
-    print(f"serving on http://{host}:{port}/  (Ctrl-C to stop)", flush=True)
+    print(f"serving on {server.url}  (Ctrl-C to stop)", flush=True)
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
     finally:
-        server.server_close()
+        server.socket.close()
     return 0
 
 

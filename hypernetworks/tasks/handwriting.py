@@ -12,7 +12,8 @@ from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
 
 from hypernetworks.models.registry import create_model
-from hypernetworks.models.handwriting import HandwritingMDN, mdn_nll
+from hypernetworks.models.handwriting import HandwritingMDN, MDNParams, mdn_nll, sample_mdn
+from hypernetworks.nn import gate_change_intensity
 
 
 class HandwritingTask(LightningModule):
@@ -110,17 +111,51 @@ class HandwritingTask(LightningModule):
         steps[:, :2] = steps[:, :2] * self.offset_std + self.offset_mean
         return steps, intensity
 
-    def demo_generate(self, length: int = 200, temperature: float = 1.0, seed: int = 0, prime: str = "") -> dict:
-        """The demo page's contract: strokes in raw pen units plus per-step gate-change intensity.
+    demo_kind = "strokes"
 
-        ``prime`` is accepted for the shared contract but unused: this model writes unconditionally.
+    def demo_stream(self, length: int = 200, temperature: float = 1.0, seed: int = 0, prime: str = ""):
+        """The demo page's streaming contract: an iterator of ``([dx, dy, pen_up], [i, g, f, o])`` in
+        raw pen units, one model step per item, computed as it is consumed.
+
+        The same samples as :meth:`generate` with ``activity=True`` (same seed, same generator
+        draws); the intensity is the gate change of the first layer's d_h (zeros for a plain
+        LSTM). ``prime`` is accepted for the shared contract but unused: this model writes
+        unconditionally. Arguments are checked at the call, before any step.
         """
         if not 1 <= int(length) <= 5000:
             raise ValueError(f"length must be in [1, 5000], got {length}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        steps, intensity = self.generate(int(length), temperature=float(temperature), seed=int(seed), activity=True)
-        if intensity is None:  # a plain LSTM has no generated weights
-            intensity = torch.zeros(len(steps), 4)
-        rows = [[float(dx), float(dy), int(pen)] for dx, dy, pen in steps.tolist()]
-        return {"kind": "strokes", "steps": rows, "intensity": intensity.float().tolist()}
+        return self._demo_items(int(length), float(temperature), int(seed))
+
+    def _demo_items(self, length: int, temperature: float, seed: int):
+        model = self.model
+        was_training = self.training
+        self.eval()
+        try:
+            g = torch.Generator(device=self.offset_mean.device).manual_seed(seed)
+            p0 = next(model.parameters())
+            x = torch.zeros(1, 1, 3, dtype=p0.dtype, device=p0.device)  # the zero "begin" row, as in sample()
+            state, previous = None, None
+            for _ in range(length):
+                with torch.no_grad():  # not across the yield: grad mode is per thread
+                    if model.is_hyper:
+                        p, state, act = model.forward_with_activity(x, state)
+                        d_h = act[0]["d_h"].reshape(4, -1)  # (1, 1, 4, H) for this single step
+                        intensity = gate_change_intensity(d_h[None], previous)[0].float().tolist()
+                        previous = d_h
+                    else:
+                        p, state = model(x, state)
+                        intensity = [0.0] * 4
+                    p = MDNParams(*(t[:, -1] for t in p))
+                    x = sample_mdn(p, self.hparams.sample_bias, temperature, g).view(1, 1, 3)
+                    dxdy = x.view(3)[:2] * self.offset_std + self.offset_mean
+                yield [float(dxdy[0]), float(dxdy[1]), int(x.view(3)[2])], intensity
+        finally:
+            self.train(was_training)
+
+    def demo_generate(self, length: int = 200, temperature: float = 1.0, seed: int = 0, prime: str = "") -> dict:
+        """The demo page's contract in one piece: :meth:`demo_stream` collected into
+        ``{"kind": "strokes", "steps": [[dx, dy, pen_up], ...], "intensity": [[i, g, f, o], ...]}``."""
+        items = list(self.demo_stream(length, temperature, seed, prime))
+        return {"kind": "strokes", "steps": [s for s, _ in items], "intensity": [i for _, i in items]}

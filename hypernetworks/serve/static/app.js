@@ -1,24 +1,25 @@
-// The demo page: pick a checkpoint, ask the server for a sample, then replay it step by step
-// (text characters or pen strokes) beside four traces of the HyperLSTM's weight-change intensity.
+// The demo page: pick a checkpoint and press Generate; the server streams the sample as the model
+// computes it (server-sent events over a POST), and the text or pen strokes and the four traces of
+// the HyperLSTM's weight-change intensity grow with every step that arrives.
 // No libraries and no external assets, so it works offline.
 "use strict";
 
 (function () {
   const GATES = ["i", "g", "f", "o"];
   const GATE_COLOURS = ["#d1495b", "#2f5d8a", "#e09f3e", "#3d8361"];
-  const REQUEST_TIMEOUT_MS = 180000;
+  const CONNECT_TIMEOUT_MS = 30000;  // until the response headers; the stream itself has no limit
 
   const $ = (id) => document.getElementById(id);
   const els = {
     form: $("controls"), checkpoint: $("checkpoint"), length: $("length"), temperature: $("temperature"),
-    seed: $("seed"), prime: $("prime"), primeLabel: $("prime-label"), speed: $("speed"), colour: $("colour"),
+    seed: $("seed"), prime: $("prime"), primeLabel: $("prime-label"), colour: $("colour"),
     generate: $("generate"), message: $("message"), output: $("output"), title: $("output-title"),
     progress: $("progress"), text: $("text-output"), ink: $("ink"), placeholder: $("placeholder"),
     traces: $("traces"), traceNote: $("trace-note"), legend: $("legend"),
   };
 
-  let kinds = new Map();      // checkpoint id -> "text" | "strokes" | "unknown"
-  let anim = null;       // the replay in progress
+  let kinds = new Map();  // checkpoint id -> "text" | "strokes" | "unknown"
+  let run = null;         // the generation in progress (or the last one)
   let busy = false;
 
   // ---- messages ------------------------------------------------------------------------
@@ -30,34 +31,69 @@
   function clearMessage() { els.message.hidden = true; els.message.textContent = ""; }
   function setState(state) { els.output.dataset.state = state; }
 
+  class ServerError extends Error {
+    constructor(message, status) { super(message); this.status = status; }
+  }
+
   // ---- server --------------------------------------------------------------------------
-  async function api(path, body) {
-    const ctrl = new AbortController();
-    const timer = setTimeout(() => ctrl.abort(), REQUEST_TIMEOUT_MS);
+  async function post(path, body, signal) {
     let resp;
     try {
-      resp = await fetch(path, body === undefined ? { signal: ctrl.signal } : {
-        method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body), signal: ctrl.signal,
+      resp = await fetch(path, {
+        method: "POST", headers: { "Content-Type": "application/json", "Accept": "text/event-stream, application/json" },
+        body: JSON.stringify(body), signal,
       });
     } catch (err) {
-      throw new Error(err.name === "AbortError" ? "the server did not answer in time" : "cannot reach the server: " + err.message);
-    } finally {
-      clearTimeout(timer);
+      if (err.name === "AbortError") throw err;
+      throw new Error("cannot reach the server: " + err.message);
     }
+    if (!resp.ok) throw await errorOf(resp);
+    return resp;
+  }
+
+  async function errorOf(resp) {
     let data = null;
-    try { data = await resp.json(); } catch (err) { /* reported below */ }
-    if (!resp.ok) {
-      const err = new Error((data && data.error) || `server error ${resp.status} ${resp.statusText}`);
-      err.status = resp.status;
-      throw err;
+    try { data = await resp.json(); } catch (err) { /* not JSON: use the status line */ }
+    let text = (data && data.error) || `server error ${resp.status} ${resp.statusText}`.trim();
+    const retry = resp.headers.get("Retry-After");
+    if (resp.status === 503 && retry && !text.includes("try again")) text += ` (try again in ${retry} s)`;
+    return new ServerError(text, resp.status);
+  }
+
+  // Server-sent events from a fetch body: blocks separated by a blank line, "event:" and "data:"
+  // fields, ":" comments (keep-alive pings) ignored. onEvent(name, parsed JSON data).
+  async function readEvents(body, onEvent) {
+    const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+    let buf = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buf += value.replace(/\r\n?/g, "\n");
+      let cut;
+      while ((cut = buf.indexOf("\n\n")) >= 0) {
+        const block = buf.slice(0, cut);
+        buf = buf.slice(cut + 2);
+        let name = "message";
+        const data = [];
+        for (const line of block.split("\n")) {
+          if (!line || line.startsWith(":")) continue;
+          const colon = line.indexOf(":");
+          const field = colon < 0 ? line : line.slice(0, colon);
+          let v = colon < 0 ? "" : line.slice(colon + 1);
+          if (v.startsWith(" ")) v = v.slice(1);
+          if (field === "event") name = v;
+          else if (field === "data") data.push(v);
+        }
+        if (data.length) onEvent(name, JSON.parse(data.join("\n")));
+      }
     }
-    if (data === null) throw new Error("the server sent a reply that is not JSON");
-    return data;
   }
 
   async function loadCheckpoints() {
     try {
-      const data = await api("/api/checkpoints");
+      const resp = await fetch("/api/checkpoints");
+      if (!resp.ok) throw await errorOf(resp);
+      const data = await resp.json();
       const previous = els.checkpoint.value;
       els.checkpoint.innerHTML = "";
       kinds = new Map();
@@ -94,10 +130,18 @@
     return raw !== "" && Number.isFinite(n) ? n : raw;
   }
 
+  function setBusy(on) {
+    busy = on;
+    els.generate.textContent = on ? "Stop" : "Generate";
+    els.generate.classList.toggle("stop", on);
+  }
+
   async function generate(ev) {
     if (ev) ev.preventDefault();
-    if (busy) return;
-    stopAnimation();
+    if (busy) {  // the button is "Stop" while a generation streams: closing it frees the server
+      if (run && run.ctrl) run.ctrl.abort();
+      return;
+    }
     clearMessage();
     const req = {
       checkpoint: els.checkpoint.value,
@@ -106,32 +150,69 @@
       seed: numberField(els.seed),
     };
     if (!els.primeLabel.hidden && els.prime.value) req.prime = els.prime.value;
-    busy = true;
-    els.generate.disabled = true;
-    els.generate.textContent = "Generating…";
-    setState("loading");
+    const ctrl = new AbortController();
+    run = { ctrl, req, ended: false };
+    const thisRun = run;
+    setBusy(true);
+    setState("waiting");
     els.progress.textContent = "asking the model…";
+    const timer = setTimeout(() => ctrl.abort(), CONNECT_TIMEOUT_MS);
     try {
-      const result = await api("/api/generate", req);
-      kinds.set(req.checkpoint, result.kind);
-      startAnimation(result, req);
+      const resp = await post("/api/generate/stream", req, ctrl.signal);
+      clearTimeout(timer);
+      await readEvents(resp.body, (name, data) => onEvent(thisRun, name, data));
+      if (!thisRun.ended) throw new Error("the connection closed before the sample was finished");
     } catch (err) {
-      setState("error");
-      els.progress.textContent = "";
-      showMessage("Error: " + err.message, true);
-      // The checkpoint went away (a training run replaced it, say): offer the current list.
-      if (err.status === 404) await loadCheckpoints();
+      clearTimeout(timer);
+      if (err.name === "AbortError") {
+        if (thisRun.started) {  // stopped by the user: keep what arrived
+          setState("stopped");
+          els.progress.textContent = `stopped at step ${thisRun.steps.length} / ${thisRun.total}`;
+        } else {
+          setState("error");
+          els.progress.textContent = "";
+          showMessage("Error: the server did not answer in time", true);
+        }
+      } else {
+        setState("error");
+        showMessage("Error: " + err.message, true);
+        if (!thisRun.started) els.progress.textContent = "";
+        // The checkpoint went away (a training run replaced it, say): offer the current list.
+        if (err.status === 404) await loadCheckpoints();
+      }
     } finally {
-      busy = false;
-      els.generate.disabled = false;
-      els.generate.textContent = "Generate";
+      if (run === thisRun) setBusy(false);
+    }
+  }
+
+  function onEvent(r, name, data) {
+    if (run !== r) return;
+    if (name === "queued") {
+      setState("queued");
+      els.progress.textContent = `waiting for the model (${data.ahead + 1} request${data.ahead ? "s" : ""} ahead)…`;
+    } else if (name === "start") {
+      start(r, data);
+    } else if (name === "steps") {
+      r.steps.push(...data.steps);
+      r.intensity.push(...data.intensity);
+      els.output.dataset.steps = String(r.steps.length);
+      els.progress.textContent = `step ${r.steps.length} / ${r.total}`;
+      schedule(r);
+    } else if (name === "end") {
+      r.ended = true;
+      r.final = true;
+      schedule(r);
+      els.progress.textContent = `${data.steps} steps in ${Number(data.seconds).toFixed(1)} s`;
+    } else if (name === "error") {
+      r.ended = true;
+      throw new ServerError(data.error || "generation failed", data.status);
     }
   }
 
   // ---- intensity -----------------------------------------------------------------------
-  // Per-gate scale for drawing: the 98th percentile over the steps after the first, so the
-  // transient at the first step (measured against the initial state) does not flatten the
-  // rest; larger values are drawn clipped at the top.
+  // Per-gate scale for drawing: the 98th percentile over the steps so far after the first, so
+  // the transient at the first step (measured against the initial state) does not flatten the
+  // rest; larger values are drawn clipped at the top. Recomputed as steps arrive.
   function gateScales(intensity) {
     const scale = [0, 0, 0, 0];
     for (let k = 0; k < 4; k++) {
@@ -165,6 +246,7 @@
     const m = (i) => Math.round(p[i] + (q[i] - p[i]) * t);
     return `rgb(${m(0)},${m(1)},${m(2)})`;
   }
+  const textColour = (lvl) => `rgba(230, 57, 70, ${(0.05 + 0.55 * lvl).toFixed(3)})`;
 
   // ---- canvases ------------------------------------------------------------------------
   function fitCanvas(canvas, cssHeight) {
@@ -178,11 +260,13 @@
     return { ctx, w: cssWidth, h: cssHeight };
   }
 
-  function drawTraces(intensity, max, upto) {
-    const { ctx, w, h } = anim.traceCanvas;
+  // The traces on an x axis as long as the requested sample, so they grow left to right.
+  function drawTraces(r) {
+    const { ctx, w, h } = r.traceCanvas;
+    const intensity = r.intensity, max = r.max, upto = intensity.length;
     ctx.clearRect(0, 0, w, h);
     const left = 34, right = 10, top = 6, lane = (h - top - 18) / 4;
-    const n = Math.max(intensity.length - 1, 1);
+    const n = Math.max(r.total - 1, 1);
     const x = (t) => left + (t / n) * (w - left - right);
     ctx.font = "bold 13px system-ui, sans-serif";
     for (let k = 0; k < 4; k++) {
@@ -216,123 +300,118 @@
     els.traces.dataset.points = String(upto);
   }
 
-  // Absolute pen positions from (dx, dy, pen_up) offsets, and a transform that fits them.
-  function layoutStrokes(steps, canvas) {
+  // The pen path so far (offsets accumulated to positions), scaled to fit the canvas; redrawn
+  // whole each frame because the bounding box grows with the ink.
+  function drawInk(r) {
+    const { ctx, w, h } = r.ink;
     let x = 0, y = 0;
-    const pts = steps.map((s) => { x += +s[0] || 0; y += +s[1] || 0; return [x, y, s[2] ? 1 : 0]; });
+    const pts = r.steps.map((s) => { x += +s[0] || 0; y += +s[1] || 0; return [x, y, s[2] ? 1 : 0]; });
+    ctx.clearRect(0, 0, w, h);
+    if (pts.length < 2) return;
     let minX = Infinity, minY = Infinity, maxX = -Infinity, maxY = -Infinity;
     for (const [px, py] of pts) {
       minX = Math.min(minX, px); maxX = Math.max(maxX, px);
       minY = Math.min(minY, py); maxY = Math.max(maxY, py);
     }
-    const spanX = Math.max(maxX - minX, 1e-6), spanY = Math.max(maxY - minY, 1e-6);
-    const cssWidth = canvas.clientWidth || 1000;
     const pad = 16;
-    // Keep the ink's aspect ratio; a line of handwriting is wide and short.
-    const cssHeight = Math.max(140, Math.min(420, Math.round((cssWidth - 2 * pad) * spanY / spanX) + 2 * pad));
-    const fitted = fitCanvas(canvas, cssHeight);
-    const scale = Math.min((fitted.w - 2 * pad) / spanX, (fitted.h - 2 * pad) / spanY);
-    const ox = (fitted.w - spanX * scale) / 2, oy = (fitted.h - spanY * scale) / 2;
-    return {
-      pts, ...fitted,
-      tx: (px) => ox + (px - minX) * scale,
-      ty: (py) => oy + (py - minY) * scale,   // IAM coordinates already grow downwards, like the canvas
-    };
+    const spanX = Math.max(maxX - minX, 1e-6), spanY = Math.max(maxY - minY, 1e-6);
+    const scale = Math.min((w - 2 * pad) / spanX, (h - 2 * pad) / spanY);
+    const ox = pad, oy = (h - spanY * scale) / 2;   // written left to right: keep it at the left edge
+    const tx = (px) => ox + (px - minX) * scale;
+    const ty = (py) => oy + (py - minY) * scale;    // IAM coordinates grow downwards, like the canvas
+    ctx.lineCap = "round";
+    ctx.lineJoin = "round";
+    ctx.lineWidth = 2.2;
+    for (let t = 1; t < pts.length; t++) {
+      if (pts[t - 1][2]) continue;  // the pen was lifted after the previous point
+      ctx.strokeStyle = r.colour ? levelColour(stepLevel(r.intensity[t], r.max)) : "#1d2330";
+      ctx.beginPath();
+      ctx.moveTo(tx(pts[t - 1][0]), ty(pts[t - 1][1]));
+      ctx.lineTo(tx(pts[t][0]), ty(pts[t][1]));
+      ctx.stroke();
+    }
   }
 
-  // ---- replay --------------------------------------------------------------------------
-  function stopAnimation() {
-    if (anim && anim.raf) cancelAnimationFrame(anim.raf);
-    anim = null;
-  }
-
-  function startAnimation(result, req) {
-    const steps = Array.isArray(result.steps) ? result.steps : [];
-    const intensity = Array.isArray(result.intensity) ? result.intensity : [];
-    const max = gateScales(intensity);
-    const hasActivity = max.some((m) => m > 0);
-    els.placeholder.hidden = steps.length > 0;
-    if (!steps.length) els.placeholder.textContent = "The model returned an empty sample.";
-    els.output.dataset.kind = result.kind;
+  // ---- a generation --------------------------------------------------------------------
+  function start(r, info) {
+    Object.assign(r, {
+      started: true, kind: info.kind, total: info.length, steps: [], intensity: [], max: [0, 0, 0, 0],
+      drawnText: 0, raf: 0, colour: els.colour.checked, final: false,
+    });
+    kinds.set(r.req.checkpoint, info.kind);
+    els.placeholder.hidden = true;
+    els.output.dataset.kind = info.kind;
     els.output.dataset.steps = "0";
-    els.traceNote.hidden = hasActivity;
-    els.traceNote.textContent = hasActivity ? "" : "All zero: this checkpoint is a plain LSTM, its weights do not change over time.";
-
-    anim = { result, steps, intensity, max, t: 0, raf: 0, colour: els.colour.checked && hasActivity };
-    anim.traceCanvas = fitCanvas(els.traces, 240);
-    els.legend.hidden = !anim.colour;
-    els.legend.classList.toggle("text-mode", result.kind === "text");
-
-    if (result.kind === "text") {
+    els.traceNote.hidden = true;
+    r.traceCanvas = fitCanvas(els.traces, 240);
+    els.legend.hidden = !r.colour;
+    els.legend.classList.toggle("text-mode", info.kind === "text");
+    if (info.kind === "text") {
       els.title.textContent = "Generated text";
       els.ink.hidden = true;
       els.text.hidden = false;
       els.text.textContent = "";
-      if (req.prime) {
+      if (r.req.prime) {
         const p = document.createElement("span");
         p.className = "prime";
-        p.textContent = req.prime;
+        p.textContent = r.req.prime;
         els.text.appendChild(p);
       }
     } else {
       els.title.textContent = "Generated handwriting";
       els.text.hidden = true;
       els.ink.hidden = false;
-      anim.ink = layoutStrokes(steps, els.ink);
-      anim.ink.ctx.clearRect(0, 0, anim.ink.w, anim.ink.h);
+      r.ink = fitCanvas(els.ink, 260);
     }
-    setState("animating");
-    drawTraces(intensity, max, 0);
-    anim.raf = requestAnimationFrame(frame);
+    setState("streaming");
+    els.progress.textContent = `step 0 / ${r.total}`;
+    drawTraces(r);
   }
 
-  function drawSteps(from, to) {
-    const a = anim;
-    if (a.result.kind === "text") {
+  // Draw at most once per animation frame, however many events arrived in between.
+  function schedule(r) {
+    if (!r.raf) r.raf = requestAnimationFrame(() => { r.raf = 0; draw(r); });
+  }
+
+  function draw(r) {
+    if (run !== r || !r.started) return;
+    r.max = gateScales(r.intensity);
+    if (r.kind === "text") {
       const frag = document.createDocumentFragment();
-      for (let t = from; t < to; t++) {
+      for (let t = r.drawnText; t < r.steps.length; t++) {
         const span = document.createElement("span");
-        span.textContent = String(a.steps[t]);
-        if (a.colour) {
-          const lvl = stepLevel(a.intensity[t], a.max);
-          span.style.backgroundColor = `rgba(230, 57, 70, ${(0.05 + 0.55 * lvl).toFixed(3)})`;
-        }
+        span.className = "step";
+        span.textContent = String(r.steps[t]);
+        if (r.colour) span.style.backgroundColor = textColour(stepLevel(r.intensity[t], r.max));
         frag.appendChild(span);
       }
+      r.drawnText = r.steps.length;
       els.text.appendChild(frag);
       els.text.scrollTop = els.text.scrollHeight;
     } else {
-      const { ctx, pts, tx, ty } = a.ink;
-      ctx.lineCap = "round";
-      ctx.lineJoin = "round";
-      ctx.lineWidth = 2.2;
-      for (let t = Math.max(from, 1); t < to; t++) {
-        if (pts[t - 1][2]) continue;  // the pen was lifted after the previous point
-        ctx.strokeStyle = a.colour ? levelColour(stepLevel(a.intensity[t], a.max)) : "#1d2330";
-        ctx.beginPath();
-        ctx.moveTo(tx(pts[t - 1][0]), ty(pts[t - 1][1]));
-        ctx.lineTo(tx(pts[t][0]), ty(pts[t][1]));
-        ctx.stroke();
-      }
+      drawInk(r);
     }
+    drawTraces(r);
+    if (r.final) finish(r);
   }
 
-  function frame() {
-    const a = anim;
-    if (!a) return;
-    const speed = Math.max(1, parseInt(els.speed.value, 10) || 1);
-    const next = Math.min(a.steps.length, a.t + speed);
-    drawSteps(a.t, next);
-    a.t = next;
-    drawTraces(a.intensity, a.max, Math.min(a.t, a.intensity.length));
-    els.output.dataset.steps = String(a.t);
-    els.progress.textContent = `step ${a.t} / ${a.steps.length}`;
-    if (a.t < a.steps.length) {
-      a.raf = requestAnimationFrame(frame);
-    } else {
-      a.raf = 0;
-      setState("done");
+  function finish(r) {
+    const hasActivity = r.max.some((m) => m > 0);
+    if (r.kind === "text" && r.colour) {
+      // Colours chosen while streaming used the scale known then: redo them with the final one.
+      const spans = els.text.querySelectorAll("span.step");
+      spans.forEach((span, t) => {
+        span.style.backgroundColor = hasActivity ? textColour(stepLevel(r.intensity[t], r.max)) : "";
+      });
     }
+    if (!r.steps.length) {
+      els.placeholder.hidden = false;
+      els.placeholder.textContent = "The model returned an empty sample.";
+    }
+    els.traceNote.hidden = hasActivity;
+    els.traceNote.textContent = hasActivity ? "" : "All zero: this checkpoint is a plain LSTM, its weights do not change over time.";
+    els.legend.hidden = !(r.colour && hasActivity);
+    setState("done");
   }
 
   els.form.addEventListener("submit", generate);

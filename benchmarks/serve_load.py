@@ -1,0 +1,179 @@
+"""Load test of ``hypernetworks serve``: a burst of simultaneous generate requests on loopback.
+
+Starts the real CLI server (``python -m hypernetworks.cli serve``) in a child process on a free
+127.0.0.1 port, sends ``--requests`` generate requests at the same instant, each on its own TCP
+connection from its own thread, and reports: connection errors (resets, refusals, timeouts), the
+HTTP statuses (the server must answer each one 200 or 503 + Retry-After), and latency percentiles.
+Without ``--checkpoint`` it first trains a tiny character HyperLSTM for 2 steps on the pydoc text
+(no download). Loopback only; bounded by ``--requests`` and by ``--timeout`` seconds per request.
+
+    OMP_NUM_THREADS=1 python benchmarks/serve_load.py --requests 50 --length 100
+    OMP_NUM_THREADS=1 python benchmarks/serve_load.py --checkpoint runs/x/checkpoints/last.ckpt --endpoint stream
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _one(url: str, path: str, body: bytes, timeout: float, barrier: threading.Barrier, out: dict) -> None:
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.connect()  # connect first, so the burst is 50 requests at once, not 50 handshakes
+        barrier.wait(timeout)
+        t0 = time.perf_counter()
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        out["status"] = resp.status
+        out["retry_after"] = resp.getheader("Retry-After")
+        if resp.status == 200 and path.endswith("/stream"):
+            while line := resp.fp.readline():  # time to the first streamed steps, then to the end
+                if line.startswith(b"event: steps") and "first_step_s" not in out:
+                    out["first_step_s"] = time.perf_counter() - t0
+                elif line.startswith(b"event: error"):
+                    out["stream_error"] = True
+        else:
+            resp.read()
+        out["latency_s"] = time.perf_counter() - t0
+    except Exception as e:  # a reset, refusal or timeout: what this test exists to count
+        out["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        conn.close()
+
+
+def burst(url: str, body: dict, n: int = 50, timeout: float = 120.0, endpoint: str = "json") -> list[dict]:
+    """``n`` simultaneous POSTs to /api/generate (``endpoint="json"``) or /api/generate/stream;
+    one dict per request: status, latency_s, retry_after, first_step_s (stream), error."""
+    path = "/api/generate/stream" if endpoint == "stream" else "/api/generate"
+    data = json.dumps(body).encode()
+    barrier = threading.Barrier(n)
+    results: list[dict] = [{} for _ in range(n)]
+    threads = [threading.Thread(target=_one, args=(url, path, data, timeout, barrier, results[i]), daemon=True)
+               for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout + 10)
+    for r in results:
+        r.setdefault("status", None)
+        if r["status"] is None:
+            r.setdefault("error", "no answer")
+    return results
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
+
+
+def summarize(results: list[dict]) -> dict:
+    status: dict[int, int] = {}
+    for r in results:
+        if r.get("status") is not None:
+            status[r["status"]] = status.get(r["status"], 0) + 1
+    ok = [r["latency_s"] for r in results if r.get("status") == 200]
+    busy = [r["latency_s"] for r in results if r.get("status") == 503]
+    first = [r["first_step_s"] for r in results if "first_step_s" in r]
+    return {
+        "requests": len(results),
+        "errors": sum("error" in r for r in results),
+        "error_examples": sorted({r["error"] for r in results if "error" in r})[:3],
+        "stream_errors": sum(bool(r.get("stream_error")) for r in results),
+        "status": status,
+        "p50_200_s": _pct(ok, 50), "p95_200_s": _pct(ok, 95), "max_200_s": max(ok) if ok else None,
+        "p50_503_s": _pct(busy, 50), "p95_503_s": _pct(busy, 95),
+        "p50_first_step_s": _pct(first, 50), "p95_first_step_s": _pct(first, 95),
+        "p50_all_s": _pct(ok + busy, 50), "p95_all_s": _pct(ok + busy, 95),
+    }
+
+
+def _tiny_checkpoint(root: Path) -> Path:
+    """2 training steps of a tiny character HyperLSTM on the pydoc text, through the real CLI."""
+    cmd = [sys.executable, "-m", "hypernetworks.cli", "fit", "--config", str(REPO / "configs" / "pydoc-hyperlstm.yaml"),
+           "--runs_root", str(root), "--run_name", "tiny", "--model.hidden_size", "32", "--model.hyper_size", "16",
+           "--model.embedding_size", "4", "--data.batch_size", "4", "--data.seq_len", "16",
+           "--data.eval_batch_size", "4", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "2",
+           "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false",
+           "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    return root / "tiny" / "checkpoints" / "last.ckpt"
+
+
+def start_server(checkpoint: Path, workers: int, queue: int, max_length: int) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "hypernetworks.cli", "serve", "--checkpoints", str(checkpoint), "--port", "0",
+           "--workers", str(workers), "--queue", str(queue), "--max-length", str(max_length)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    for line in proc.stdout:
+        if line.startswith("serving on "):
+            url = line.split()[2]
+            break
+        if time.monotonic() > deadline:
+            break
+    else:
+        raise RuntimeError(f"the server did not start (exit {proc.poll()})")
+    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # drain its log
+    return proc, url
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, help="a text or handwriting checkpoint (default: train a tiny one)")
+    p.add_argument("--requests", type=int, default=50)
+    p.add_argument("--length", type=int, default=100, help="steps per generation")
+    p.add_argument("--endpoint", choices=("json", "stream"), default="json")
+    p.add_argument("--workers", type=int, default=1, help="the server's --workers")
+    p.add_argument("--queue", type=int, default=8, help="the server's --queue")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request before it counts as an error")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON only")
+    args = p.parse_args(argv)
+    if not 1 <= args.requests <= 500:
+        p.error("--requests must be in 1..500")
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = args.checkpoint or _tiny_checkpoint(Path(tmp))
+        if not ckpt.is_file():
+            p.error(f"--checkpoint: no such file: {ckpt}")
+        proc, url = start_server(ckpt, args.workers, args.queue, max(args.length, 1))
+        try:
+            # One request first, so the model load is not part of the burst.
+            warm = burst(url, {"checkpoint": ckpt.name, "length": 2}, n=1, timeout=args.timeout)
+            if warm[0].get("status") != 200:
+                raise RuntimeError(f"warm-up request failed: {warm[0]}")
+            results = burst(url, {"checkpoint": ckpt.name, "length": args.length, "seed": 1}, n=args.requests,
+                            timeout=args.timeout, endpoint=args.endpoint)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    summary = summarize(results)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
+        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+              f"load average at the end {load[0]:.2f}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+        print(f"{args.requests} simultaneous requests to /api/generate{'/stream' if args.endpoint == 'stream' else ''}"
+              f" (length {args.length}; server --workers {args.workers} --queue {args.queue})")
+        for k, v in summary.items():
+            print(f"  {k:<18} {round(v, 3) if isinstance(v, float) else v}")
+    ok = summary["errors"] == 0 and set(summary["status"]) <= {200, 503}
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

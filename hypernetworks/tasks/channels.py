@@ -129,8 +129,8 @@ class ChannelClassifier(ImageClassifier):
         logits = self(self._select(x, names, use), use)
         loss = F.cross_entropy(logits, y)
         self.train_acc(logits, y)
-        self.log("train_loss", loss, prog_bar=True)
-        self.log("train_acc", self.train_acc, on_step=True, on_epoch=False)
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(y))
+        self.log("train_acc", self.train_acc, on_step=True, on_epoch=False, batch_size=len(y))
         if self.hparams.weight_decay:
             loss = loss + 0.5 * self.hparams.weight_decay * self._l2()
         return loss
@@ -140,8 +140,8 @@ class ChannelClassifier(ImageClassifier):
         use = self._train_names(names)
         logits = self(self._select(x, names, use), use)
         self.val_acc(logits, y)
-        self.log("val_loss", F.cross_entropy(logits, y), prog_bar=True)
-        self.log("val_acc", self.val_acc, prog_bar=True)
+        self.log("val_loss", F.cross_entropy(logits, y), prog_bar=True, batch_size=len(y))
+        self.log("val_acc", self.val_acc, prog_bar=True, batch_size=len(y))
 
     def unseen_channels(self) -> list[str]:
         """Channels the model knows that training never used."""
@@ -159,12 +159,12 @@ class ChannelClassifier(ImageClassifier):
         x, y, names = self._unpack(batch)
         logits = self(x, names)
         self.test_acc(logits, y)
-        self.log("test_loss", F.cross_entropy(logits, y))
-        self.log("test_acc", self.test_acc, prog_bar=True)
+        self.log("test_loss", F.cross_entropy(logits, y), batch_size=len(y))
+        self.log("test_acc", self.test_acc, prog_bar=True, batch_size=len(y))
         for subset in self.eval_subsets:
             if not all(c in names for c in subset):
                 continue  # a batch of another sub-dataset (CHAMMI) does not carry this subset
             key = self._subset_keys[_subset_key(subset)]
             acc = self.subset_acc[key]
             acc(self(self._select(x, names, subset), subset), y)
-            self.log(f"test_acc/{_subset_key(subset)}", acc)
+            self.log(f"test_acc/{_subset_key(subset)}", acc, batch_size=len(y))

@@ -1,0 +1,269 @@
+"""So2Sat LCZ42, CHAMMI and JUMP-CP readers on small files written here in the published formats,
+including a truncated or corrupt file of each kind (clear errors naming the file)."""
+from __future__ import annotations
+
+import csv
+
+import h5py
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from PIL import Image
+
+from hypernetworks.data.images import DatasetFileError
+from hypernetworks.data.multichannel import (CHAMMI, CHAMMI_CHANNELS, JUMPCP, JUMPCP_CHANNELS, SO2SAT_CHANNELS,
+                                             SO2SAT_METADATA, CHAMMIDataModule, ChannelNormalize, So2SatLCZ42,
+                                             SubDatasetBatchSampler, channel_stats, collate_channels, fold_strip,
+                                             jumpcp_split)
+from hypernetworks.tasks.channels import ChannelClassifier
+
+# ---------------------------------------------------------------------------------- So2Sat
+
+
+def _write_so2sat(path, n=6, seed=0, labels=None):
+    rng = np.random.default_rng(seed)
+    sen1 = rng.normal(size=(n, 32, 32, 8))
+    sen2 = rng.random((n, 32, 32, 10))
+    labels = np.arange(n) % 17 if labels is None else np.asarray(labels)
+    onehot = np.zeros((n, 17))
+    onehot[np.arange(n), labels] = 1
+    with h5py.File(path, "w") as f:  # float64 datasets, as published
+        f["sen1"], f["sen2"], f["label"] = sen1, sen2, onehot
+    return sen1, sen2, labels
+
+
+def test_so2sat_reads_lazily_with_channel_selection(tmp_path):
+    sen1, sen2, labels = _write_so2sat(tmp_path / "training.h5")
+    ds = So2SatLCZ42(tmp_path, "train")
+    assert len(ds) == 6 and ds.channels == SO2SAT_CHANNELS and ds._file is None  # nothing read yet
+    x, y = ds[3]
+    assert x.shape == (18, 32, 32) and x.dtype == torch.float32 and y == labels[3]
+    np.testing.assert_allclose(x[:8].numpy(), sen1[3].transpose(2, 0, 1), rtol=1e-6)
+    np.testing.assert_allclose(x[8:].numpy(), sen2[3].transpose(2, 0, 1), rtol=1e-6)
+    # any subset in any order, S2 before S1 included
+    pick = ["S2_B4", "S1_VV_real", "S2_B2"]
+    x, _ = So2SatLCZ42(tmp_path, "train", channels=pick)[1]
+    np.testing.assert_allclose(x.numpy(), np.stack([sen2[1, ..., 2], sen1[1, ..., 2], sen2[1, ..., 0]]), rtol=1e-6)
+    assert list(ds.labels()) == list(labels)
+    assert set(SO2SAT_METADATA) == set(SO2SAT_CHANNELS) and len({len(v) for v in SO2SAT_METADATA.values()}) == 1
+
+
+def test_so2sat_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="testing.h5"):
+        So2SatLCZ42(tmp_path, "test")
+    _write_so2sat(tmp_path / "training.h5")
+    raw = (tmp_path / "training.h5").read_bytes()
+    (tmp_path / "validation.h5").write_bytes(raw[: len(raw) // 2])  # truncated download
+    with pytest.raises(DatasetFileError, match="validation.h5"):
+        So2SatLCZ42(tmp_path, "val")
+    with h5py.File(tmp_path / "testing.h5", "w") as f:
+        f["sen1"], f["sen2"], f["label"] = np.zeros((2, 32, 32, 8)), np.zeros((2, 32, 32, 9)), np.zeros((2, 17))
+    with pytest.raises(DatasetFileError, match=r"testing.h5: shapes"):
+        So2SatLCZ42(tmp_path, "test")
+    with h5py.File(tmp_path / "testing.h5", "w") as f:
+        f["sen1"], f["sen2"], f["label"] = np.zeros((2, 32, 32, 8)), np.zeros((2, 32, 32, 10)), np.zeros((2, 17))
+    with pytest.raises(DatasetFileError, match="not one-hot"):
+        So2SatLCZ42(tmp_path, "test")[0]
+    with pytest.raises(ValueError, match="not So2Sat channels"):
+        So2SatLCZ42(tmp_path, "train", channels=["B4"])
+    with pytest.raises(ValueError, match="split"):
+        So2SatLCZ42(tmp_path, "training")
+
+
+def test_channel_normalize_and_stats(tmp_path):
+    _write_so2sat(tmp_path / "training.h5", n=4)
+    ds = So2SatLCZ42(tmp_path, "train", channels=["S2_B2", "S1_VH_real"])
+    stats = channel_stats(ds, ds.channels)
+    allx = torch.stack([ds[i][0] for i in range(4)]).double()
+    assert stats["S2_B2"][0] == pytest.approx(float(allx[:, 0].mean()))
+    assert stats["S1_VH_real"][1] == pytest.approx(float(allx[:, 1].std(unbiased=False)), rel=1e-6)
+    norm = ChannelNormalize(stats, ["S1_VH_real"])  # looked up by name: any subset
+    z = torch.stack([norm(ds[i][0][1:]) for i in range(4)])
+    assert abs(float(z.mean())) < 1e-5 and float(z.std(unbiased=False)) == pytest.approx(1.0, rel=1e-4)
+    with pytest.raises(ValueError, match="no normalisation statistics"):
+        ChannelNormalize(stats, ["S2_B3"])
+
+
+# ---------------------------------------------------------------------------------- CHAMMI
+
+
+def _write_chammi(root, sub, rows, h=8, cw=8, bits=8, seed=0):
+    """``rows``: (split, label) per image. Images are PNG strips of the channels side by side."""
+    rng = np.random.default_rng(seed)
+    c = len(CHAMMI_CHANNELS[sub])
+    (root / sub / "images").mkdir(parents=True, exist_ok=True)
+    stacks = []
+    with open(root / sub / "enriched_meta.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file_path", "ID", "channel_width", "train_test_split", "Label"])
+        for k, (split, label) in enumerate(rows):
+            rel = f"{sub}/images/{sub}_{k}.png"
+            top = 65535 if bits == 16 else 255
+            chans = rng.integers(0, top + 1, size=(c, h, cw)).astype(np.uint16 if bits == 16 else np.uint8)
+            strip = np.concatenate(list(chans), axis=1)  # (h, c * cw)
+            Image.fromarray(strip).save(root / rel)
+            stacks.append(chans)
+            w.writerow([rel, f"{sub}_{k}", cw, split, label])
+    return stacks
+
+
+def test_fold_strip():
+    chans = np.arange(3 * 4 * 5).reshape(3, 4, 5)
+    strip = np.concatenate(list(chans), axis=1)
+    np.testing.assert_array_equal(fold_strip(strip, 5), chans)
+    with pytest.raises(DatasetFileError, match="not a multiple"):
+        fold_strip(strip, 4)
+    with pytest.raises(DatasetFileError, match="expected 4"):
+        fold_strip(strip, 5, 4)
+
+
+def test_chammi_folds_strips_of_3_4_5_channels(tmp_path):
+    allen = _write_chammi(tmp_path, "Allen", [("Train", "M0"), ("Task_one", "M0")])
+    hpa = _write_chammi(tmp_path, "HPA", [("Train", "golgi"), ("Train", "er"), ("Task_one", "er"),
+                                          ("Task_three", "nucleoplasm")], seed=1)
+    cp = _write_chammi(tmp_path, "CP", [("Train", "BRD-1"), ("Task_two", "BRD-1")], bits=16, seed=2)
+    ds = CHAMMI(tmp_path)
+    assert ds.classes == ["Allen:M0", "CP:BRD-1", "HPA:er", "HPA:golgi"] and len(ds) == 4
+    x, y, names = ds[0]
+    assert x.shape == (3, 8, 8) and names == tuple(CHAMMI_CHANNELS["Allen"]) and y == 0
+    np.testing.assert_allclose(x.numpy(), allen[0] / 255.0, rtol=1e-6)
+    x, y, names = ds[2]  # second HPA Train image: 4 channels
+    assert x.shape == (4, 8, 8) and ds.classes[y] == "HPA:er"
+    np.testing.assert_allclose(x.numpy(), hpa[1] / 255.0, rtol=1e-6)
+    x, _, names = ds[3]  # 16-bit CP strip: 5 channels
+    assert x.shape == (5, 8, 8) and len(names) == 5
+    np.testing.assert_allclose(x.numpy(), cp[0] / 65535.0, rtol=1e-6)
+    # task splits: labels outside the training vocabulary (novel classes) are -1
+    test = CHAMMI(tmp_path, ["HPA"], ["Task_one", "Task_three"], classes=ds.classes)
+    assert [s[3] for s in test.samples] == [ds.classes.index("HPA:er"), -1]
+    # batches of one sub-dataset each, collated with their channel names
+    sampler = SubDatasetBatchSampler(ds.subsets(), batch_size=2, shuffle=True)
+    for batch in sampler:
+        x, y, names = collate_channels([ds[i] for i in batch])
+        assert x.shape[1] == len(names) and len({ds.samples[i][0] for i in batch}) == 1
+    with pytest.raises(ValueError, match="mixes channel sets"):
+        collate_channels([ds[0], ds[1]])
+
+
+def test_chammi_bad_files(tmp_path):
+    _write_chammi(tmp_path, "HPA", [("Train", "er"), ("Train", "golgi")])
+    with pytest.raises(FileNotFoundError, match="CP/enriched_meta.csv"):
+        CHAMMI(tmp_path, ["CP"])
+    png = tmp_path / "HPA" / "images" / "HPA_1.png"
+    png.write_bytes(png.read_bytes()[:40])  # truncated image
+    ds = CHAMMI(tmp_path, ["HPA"])
+    with pytest.raises(DatasetFileError, match="HPA_1.png"):
+        ds[1]
+    Image.fromarray(np.zeros((8, 24), np.uint8)).save(png)  # a 3-channel strip where HPA has 4
+    with pytest.raises(DatasetFileError, match="expected 4"):
+        ds[1]
+    meta = tmp_path / "HPA" / "enriched_meta.csv"
+    meta.write_text("file_path,ID,train_test_split,Label\nHPA/images/HPA_0.png,0,Train,er\n")
+    with pytest.raises(DatasetFileError, match=r"enriched_meta.csv: missing columns \['channel_width'\]"):
+        CHAMMI(tmp_path, ["HPA"])
+    meta.write_text("file_path,ID,channel_width,train_test_split,Label\nHPA/images/HPA_0.png,0,eight,Train,er\n")
+    with pytest.raises(DatasetFileError, match="row 2"):
+        CHAMMI(tmp_path, ["HPA"])
+
+
+def test_chammi_training_and_per_sub_dataset_test(tmp_path):
+    _write_chammi(tmp_path, "HPA", [("Train", "er"), ("Train", "golgi")] * 6 + [("Task_one", "er")] * 3)
+    _write_chammi(tmp_path, "CP", [("Train", "a"), ("Train", "b")] * 6 + [("Task_one", "b")] * 2, seed=3)
+    dm = CHAMMIDataModule(str(tmp_path), sub_datasets=["HPA", "CP"], img_size=8, batch_size=4, eval_batch_size=4,
+                          val_fraction=0.2)
+    hpa, cp = CHAMMI_CHANNELS["HPA"], CHAMMI_CHANNELS["CP"]
+    task = ChannelClassifier(
+        "hypernet-vit-tiny-p4", num_classes=4, eval_subsets=[hpa, cp, hpa[:2]],
+        model_args=dict(channels=hpa + cp, num_classes=4, img_size=8, embed_dim=16, depth=1, num_heads=2))
+    trainer = Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0)
+    trainer.fit(task, datamodule=dm)
+    m = trainer.test(task, datamodule=dm, verbose=False)[0]
+    for key in ("test_acc", f"test_acc/{'+'.join(hpa)}", f"test_acc/{'+'.join(cp)}", f"test_acc/{'+'.join(hpa[:2])}"):
+        assert 0.0 <= m[key] <= 1.0
+
+
+# ---------------------------------------------------------------------------------- JUMP-CP
+
+
+def _write_jump(root, n=20, platemap_as_parquet=False, hwc=False):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "BR00116991").mkdir()
+    (root / "platemap_and_metadata").mkdir()
+    rng = np.random.default_rng(0)
+    wells = ["A01", "A02", "B01", "B02", "C05"]  # C05 is not in the plate map: unlabelled
+    rows, images = [], []
+    for k in range(n):
+        well = wells[k % len(wells)]
+        name = f"BR00116991_{well}_1_{k}.npy"
+        img = rng.integers(0, 256, size=(8, 16, 16), dtype=np.uint8)
+        np.save(root / "BR00116991" / name, img.transpose(1, 2, 0) if hwc else img)
+        images.append(img)
+        rows.append((f"s3://insitro-research-2023-context-vit/jumpcp/BR00116991/{name}", f"id{k}", well))
+    pq.write_table(pa.table({"path": [r[0] for r in rows], "ID": [r[1] for r in rows],
+                             "well_loc": [r[2] for r in rows]}), root / "BR00116991.pq")
+    platemap = [("plate_map_name", "well_position", "broad_sample", "solvent"),
+                ("JUMP-Target-1_compound_platemap", "A01", "BRD-X", "DMSO"),
+                ("JUMP-Target-1_compound_platemap", "A02", "", "DMSO"),
+                ("JUMP-Target-1_compound_platemap", "B01", "BRD-Y", "DMSO"),
+                ("JUMP-Target-1_compound_platemap", "B02", "BRD-Z", "DMSO")]
+    metadata = [("broad_sample", "InChIKey", "pert_iname", "pubchem_cid", "target", "pert_type", "control_type"),
+                ("BRD-Y", "K1", "drug-y", "1", "EGFR", "trt", ""),
+                ("BRD-X", "K2", "drug-x", "2", "HDAC1", "trt", ""),
+                ("BRD-Z", "K3", "drug-z", "3", "EGFR", "trt", "")]
+    for name, table in (("JUMP-Target-1_compound_platemap.tsv", platemap),
+                        ("JUMP-Target-1_compound_metadata.tsv", metadata)):
+        path = root / "platemap_and_metadata" / name
+        if platemap_as_parquet:
+            pq.write_table(pa.table({c: [r[i] for r in table[1:]] for i, c in enumerate(table[0])}), path)
+        else:
+            path.write_text("\n".join("\t".join(r) for r in table) + "\n")
+    return rows, images
+
+
+@pytest.mark.parametrize("as_parquet,hwc", [(False, False), (True, True)], ids=["tsv-chw", "parquet-hwc"])
+def test_jumpcp_index_images_and_plate_map_labels(tmp_path, as_parquet, hwc):
+    rows, images = _write_jump(tmp_path / "jumpcp", platemap_as_parquet=as_parquet, hwc=hwc)
+    ds = JUMPCP(tmp_path / "jumpcp", split="all")
+    assert ds.classes == ["control", "EGFR", "HDAC1"]  # targets in metadata order; no target -> control
+    assert len(ds) == 16  # the 4 images of the unlabelled well C05 are left out
+    expect = {"A01": 2, "A02": 0, "B01": 1, "B02": 1}
+    for k, (path, label) in enumerate(ds.samples):
+        assert label == expect[path.name.split("_")[1]]
+    x, y = ds[0]
+    assert x.shape == (8, 16, 16) and x.dtype == torch.float32
+    np.testing.assert_allclose(x.numpy(), images[0] / 255.0, rtol=1e-6)
+    sub = JUMPCP(tmp_path / "jumpcp", split="all", channels=["brightfield_1", "fluorescence_2"])
+    np.testing.assert_allclose(sub[0][0].numpy(), images[0][[5, 1]] / 255.0, rtol=1e-6)
+    # ChannelViT's split: a seed-0 permutation cut 60/20/20, disjoint and complete
+    parts = [set(jumpcp_split(20, s).tolist()) for s in ("train", "val", "test")]
+    assert [len(p) for p in parts] == [12, 4, 4] and set.union(*parts) == set(range(20))
+    assert list(jumpcp_split(20, "train")) == list(np.random.RandomState(0).permutation(20)[:12])
+    assert JUMPCP_CHANNELS[5:] == ["brightfield_1", "brightfield_2", "brightfield_3"]
+
+
+def test_jumpcp_bad_files(tmp_path):
+    root = tmp_path / "jumpcp"
+    rows, _ = _write_jump(root)
+    ds = JUMPCP(root, split="all")
+    bad = ds.samples[0][0]
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated .npy
+    with pytest.raises(DatasetFileError, match=bad.name):
+        ds[0]
+    np.save(bad, np.zeros((3, 16, 16), np.uint8))
+    with pytest.raises(DatasetFileError, match="not an 8-channel image"):
+        ds[0]
+    index = root / "BR00116991.pq"
+    index.write_bytes(index.read_bytes()[:-30])  # truncated parquet (footer gone)
+    with pytest.raises(DatasetFileError, match="BR00116991.pq"):
+        JUMPCP(root)
+    with pytest.raises(FileNotFoundError, match="BR00117000.pq"):
+        JUMPCP(root, plate="BR00117000")
+    (root / "platemap_and_metadata" / "JUMP-Target-1_compound_metadata.tsv").write_text("broad_sample\tname\nX\ty\n")
+    pq.write_table(pa.table({"path": [r[0] for r in rows], "ID": [r[1] for r in rows],
+                             "well_loc": [r[2] for r in rows]}), index)
+    with pytest.raises(DatasetFileError, match=r"compound_metadata.tsv: missing columns \['target'\]"):
+        JUMPCP(root)

@@ -27,12 +27,15 @@ the metric of the "best" checkpoint; a metric that is never logged only disables
 from __future__ import annotations
 
 import importlib
+import logging
+import math
 import os
-import sys
+import re
 import tempfile
+import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
@@ -40,16 +43,30 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_warn
+
+from hypernetworks.checkpoints import (CheckpointError, build_from_settings, check_settings, read_checkpoint,
+                                       resolve_trusted_class)
+
+try:  # POSIX: write locks tell live temporary checkpoint files from those of killed writes
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "AtomicCheckpointIO",
     "BestAndLastCheckpoint",
     "TaskClassPath",
     "HypernetworksCLI",
+    "NonFiniteError",
+    "StopOnNonFinite",
     "default_callbacks",
     "default_loggers",
     "make_trainer",
     "load_task",
+    "remove_stale_temporaries",
     "run_cli",
 ]
 
@@ -73,14 +90,188 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
+                if fcntl is not None:  # held until the rename: marks this temporary file as live
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
+                if fcntl is not None:
+                    os.replace(tmp, path)
+            if fcntl is None:  # Windows cannot rename an open file
+                os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+
+    def load_checkpoint(self, path, map_location: Any = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        """Checks the archive's CRCs, then ``torch.load(weights_only=True)``: for local files and for
+        ``http(s)://`` URLs alike (Lightning's own loader unpickles URLs), so ``--ckpt_path`` cannot run
+        code. See :func:`hypernetworks.checkpoints.read_checkpoint`."""
+        if weights_only is False:
+            raise ValueError(f"{type(self).__name__} loads checkpoints with weights_only=True only "
+                             "(checkpoints of this project hold tensors and plain values; no pickle)")
+        return read_checkpoint(path, map_location=map_location)
+
+
+_TMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # tempfile.mkstemp(prefix=".<name>.", suffix=".tmp")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, min_age_s: float = 3600.0) -> list[Path]:
+    """Delete the ``.<name>.XXXXXXXX.tmp`` files that :class:`AtomicCheckpointIO` leaves when a
+    process is killed while writing, and return their paths.
+
+    A file is stale when no process holds its write lock (POSIX ``flock``; the lock dies with the
+    writer), so a run writing to the same folder at the same moment keeps its file. Without
+    ``fcntl`` (Windows) only files older than ``min_age_s`` are deleted.
+    """
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for f in folder.iterdir():
+        if not _TMP_NAME.match(f.name) or not f.is_file():
+            continue
+        try:
+            if fcntl is None:
+                if time.time() - f.stat().st_mtime >= min_age_s:
+                    f.unlink()
+                    removed.append(f)
+                continue
+            with open(f, "rb") as h:
+                try:
+                    fcntl.flock(h.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live write
+                f.unlink()
+                removed.append(f)
+        except FileNotFoundError:  # renamed or removed meanwhile
+            continue
+    if removed:
+        log.info("removed %d temporary checkpoint file(s) left by an interrupted write: %s",
+                 len(removed), ", ".join(p.name for p in removed))
+    return removed
+
+
+class NonFiniteError(RuntimeError):
+    """Training met a non-finite loss or gradient (raised by :class:`StopOnNonFinite`)."""
+
+
+class StopOnNonFinite(Callback):
+    """Stops training at the first non-finite (or diverged) training loss or non-finite gradient,
+    before the optimizer applies the update, with a :class:`NonFiniteError` naming the step and the
+    quantity.
+
+    Checked once per optimizer step, with a single device synchronisation:
+
+    * the training loss: NaN/inf, or larger in magnitude than ``max_abs_loss`` (the project's losses
+      are per-token or per-point means of order 1-10; a loss of 1e6 has diverged, as with a learning
+      rate of 1e30, where the loss reaches 1e31 while staying finite). ``None`` checks finiteness only;
+    * the gradients' total 2-norm, the norm that gradient clipping divides by: non-finite if any entry
+      is, or if it overflows (as torch's ``clip_grad_norm_(error_if_nonfinite=True)`` would report).
+
+    Lightning writes no checkpoint after an exception, so ``last.ckpt`` and the best checkpoint keep
+    the last good state, and the command line exits non-zero. ``skip_batches=True`` instead drops the
+    update of such a batch (its gradients are cleared before the step) with a warning, and stops only
+    after ``max_consecutive_skips`` bad batches in a row.
+
+    Part of :func:`default_callbacks`; an instance listed in a recipe replaces the default one::
+
+        trainer:
+          callbacks:
+            - class_path: hypernetworks.training.StopOnNonFinite
+              init_args: {skip_batches: true}
+    """
+
+    def __init__(self, skip_batches: bool = False, max_consecutive_skips: int = 20,
+                 max_abs_loss: float | None = 1e6) -> None:
+        if max_consecutive_skips < 1:
+            raise ValueError(f"max_consecutive_skips must be >= 1, got {max_consecutive_skips}")
+        if max_abs_loss is not None and not max_abs_loss > 0:
+            raise ValueError(f"max_abs_loss must be positive or None, got {max_abs_loss}")
+        self.skip_batches = skip_batches
+        self.max_consecutive_skips = max_consecutive_skips
+        self.max_abs_loss = max_abs_loss
+        self.skipped = 0  # batches whose update was dropped (skip_batches=True)
+        self._in_a_row = 0
+        self._default = False  # set by default_callbacks
+        self._active = True
+        self._loss_bad: torch.Tensor | None = None
+        self._bad_loss: torch.Tensor | None = None
+        self._batch_idx = 0
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # the default instance stands aside when the recipe lists its own
+        self._active = not (self._default and any(
+            isinstance(c, StopOnNonFinite) and not c._default for c in trainer.callbacks))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._batch_idx = batch_idx
+
+    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
+        if not self._active:
+            return
+        loss = loss.detach()
+        bad = ~torch.isfinite(loss).all()
+        if self.max_abs_loss is not None:
+            bad = bad | (loss.abs() > self.max_abs_loss).any()
+        # stays on the device (no synchronisation here); with gradient accumulation the flags of the
+        # micro-batches are or-ed, and the first bad loss is kept for the message
+        if self._loss_bad is None:
+            self._loss_bad, self._bad_loss = bad, loss
+        else:
+            self._bad_loss = torch.where(self._loss_bad, self._bad_loss, loss)
+            self._loss_bad = self._loss_bad | bad
+
+    def _describe(self, loss_bad: bool, pl_module, optimizer) -> str:
+        if loss_bad:
+            value = self._bad_loss.float().mean().item()
+            if math.isfinite(value):
+                return f"diverged training loss ({value:.3g}, above max_abs_loss={self.max_abs_loss:g})"
+            return f"non-finite training loss ({value})"
+        names = {p: n for n, p in pl_module.named_parameters()}
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        for p in params:
+            if not torch.isfinite(p.grad).all():
+                value = "nan" if torch.isnan(p.grad).any() else "inf"
+                return f"non-finite gradient of {names.get(p, 'a parameter')!r} ({value})"
+        top = max(params, key=lambda p: p.grad.abs().max().item())
+        return (f"non-finite gradient norm (the 2-norm overflows; largest entry {top.grad.abs().max().item():.3g} "
+                f"in {names.get(top, 'a parameter')!r})")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if not self._active:
+            return
+        loss_bad, self._loss_bad = self._loss_bad, None
+        flags = [] if loss_bad is None else [loss_bad.reshape(())]
+        # with a GradScaler (16-bit mixed precision) infinite gradients are expected now and then:
+        # the scaler skips those steps itself
+        if getattr(trainer.precision_plugin, "scaler", None) is None:
+            grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            if grads:
+                norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+                flags.append(~torch.isfinite(norm).to(flags[0].device if flags else norm.device))
+        if not flags:
+            return
+        bad = trainer.strategy.reduce_boolean_decision(bool(torch.stack(flags).any()), all=False)
+        if not bad:
+            self._in_a_row = 0
+            return
+        what = self._describe(loss_bad is not None and bool(loss_bad), pl_module, optimizer)
+        where = f"step {trainer.global_step} (epoch {trainer.current_epoch}, batch {self._batch_idx})"
+        if not self.skip_batches:
+            raise NonFiniteError(
+                f"{what} at {where}: training stopped before this update was applied, and no checkpoint was "
+                "written from this state. Lower the learning rate or check the data; "
+                "StopOnNonFinite(skip_batches=True) skips such batches instead.")
+        self.skipped += 1
+        self._in_a_row += 1
+        if self._in_a_row > self.max_consecutive_skips:
+            raise NonFiniteError(f"{what} at {where}: {self._in_a_row} bad batches in a row "
+                                 f"(max_consecutive_skips={self.max_consecutive_skips}); training stopped")
+        optimizer.zero_grad(set_to_none=True)  # optimizers skip parameters without a gradient
+        rank_zero_warn(f"{what} at {where}: this batch's update was skipped ({self.skipped} so far)")
 
 
 class TaskClassPath(Callback):
@@ -98,7 +289,18 @@ class BestAndLastCheckpoint(ModelCheckpoint):
 
     _warned = False
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if trainer.is_global_zero and self.dirpath and "://" not in str(self.dirpath):
+            remove_stale_temporaries(self.dirpath)
+
     def _save_topk_checkpoint(self, trainer, monitor_candidates) -> None:
+        current = monitor_candidates.get(self.monitor) if self.monitor is not None else None
+        if isinstance(current, torch.Tensor) and not torch.isfinite(current).all():
+            # Lightning would still keep it as the first "best": a NaN model must never be the best
+            rank_zero_warn(f"{self.monitor} is {current.float().mean().item()} at step {trainer.global_step}: "
+                           "not saved as the best checkpoint")
+            return
         if self.monitor is not None and self.monitor not in monitor_candidates:
             if not self._warned:
                 warnings.warn(
@@ -118,7 +320,8 @@ def _monitor_of(task_cls: type | None) -> tuple[str, str]:
 
 
 def default_callbacks(run_dir: str | os.PathLike, task_cls: type | None = None) -> list[Callback]:
-    """``last.ckpt`` + best checkpoint under ``run_dir/checkpoints`` and the task-class recorder."""
+    """``last.ckpt`` + best checkpoint under ``run_dir/checkpoints``, the task-class recorder, and
+    :class:`StopOnNonFinite` (stop at the first NaN/inf loss or gradient)."""
     monitor, mode = _monitor_of(task_cls)
     ckpt = BestAndLastCheckpoint(
         dirpath=Path(run_dir) / "checkpoints",
@@ -128,7 +331,9 @@ def default_callbacks(run_dir: str | os.PathLike, task_cls: type | None = None) 
         save_top_k=1,
         save_last=True,
     )
-    return [ckpt, TaskClassPath()]
+    guard = StopOnNonFinite()
+    guard._default = True  # stands aside for a StopOnNonFinite that the recipe lists
+    return [ckpt, TaskClassPath(), guard]
 
 
 def default_loggers(run_dir: str | os.PathLike) -> list:
@@ -214,10 +419,9 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> HypernetworksCLI
 
 # ----------------------------------------------------------------------------- loading
 
-_TRUSTED_PREFIXES = ("hypernetworks.",)
-
 
 def _import_class(class_path: str) -> type:
+    """The class named in a recipe (the user's own command line, not a checkpoint)."""
     module_name, _, name = class_path.rpartition(".")
     if not module_name:
         raise ValueError(f"class path {class_path!r} is not of the form 'package.module.Class'")
@@ -228,52 +432,34 @@ def _import_class(class_path: str) -> type:
         raise ValueError(f"class path {class_path!r}: module {module_name!r} has no {name!r}") from None
 
 
-def load_task(checkpoint_path: str | os.PathLike, map_location: Any = "cpu") -> LightningModule:
+def load_task(checkpoint_path: str | os.PathLike, map_location: Any = "cpu", *,
+              trusted_classes: Iterable[type] = ()) -> LightningModule:
     """Rebuild the LightningModule saved in ``checkpoint_path`` and load its weights (eval mode).
 
     The class comes from the ``_class_path`` that LightningCLI stores in the hyperparameters (or
     from the class path the project's default callbacks add); its constructor gets the saved
-    hyperparameters. The file is read with ``torch.load(weights_only=True)`` (no pickle), and only
-    classes of the ``hypernetworks`` package or of modules already imported are built.
+    hyperparameters. Nothing in the file can run code (see :mod:`hypernetworks.checkpoints`): the
+    archive is CRC-checked, read with ``torch.load(weights_only=True)``, and the task class and any
+    nested ``class_path`` in its settings must be one of the project's own classes or one of
+    ``trusted_classes`` (class objects, for tasks defined outside the package); this is checked
+    before anything is imported. Errors are ``FileNotFoundError`` or ``ValueError`` naming the file.
     """
-    path = Path(checkpoint_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or holding pickled objects
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
-    hparams = dict(ckpt.get("hyper_parameters") or {})
+    name = os.fspath(checkpoint_path)
+    ckpt = read_checkpoint(checkpoint_path, map_location=map_location)
+    hparams = ckpt.get("hyper_parameters") or {}
+    if not isinstance(hparams, dict):
+        raise CheckpointError(f"{name}: 'hyper_parameters' is a {type(hparams).__name__}, not a dict")
+    hparams = dict(hparams)
     class_path = hparams.pop("_class_path", None) or ckpt.get(TASK_CLASS_KEY)
-    hparams.pop("_instantiator", None)
+    hparams.pop("_instantiator", None)  # LightningCLI's own bookkeeping, never imported here
     if not class_path:
-        raise ValueError(f"{path} does not record its task class (no '_class_path' hyperparameter)")
-    module_name = class_path.rpartition(".")[0]
-    if not class_path.startswith(_TRUSTED_PREFIXES) and module_name not in sys.modules:
-        raise ValueError(
-            f"{path} asks for class {class_path!r} outside the hypernetworks package; import its module "
-            "first if you trust the checkpoint")
-    cls = _import_class(class_path)
+        raise CheckpointError(f"{name} does not record its task class (no '_class_path' hyperparameter)")
+    trusted = tuple(trusted_classes)
+    check_settings({"class_path": class_path, "init_args": hparams}, name, trusted, where="task")
+    cls = resolve_trusted_class(class_path, trusted, name)
     if not (isinstance(cls, type) and issubclass(cls, LightningModule)):
-        raise ValueError(f"{class_path!r} from {path} is not a LightningModule")
-    task = _instantiate(cls, hparams)
+        raise CheckpointError(f"{class_path!r} from {name} is not a LightningModule")
+    task = build_from_settings(cls, hparams, source=name, trusted=trusted)
     task.on_load_checkpoint(ckpt)
     task.load_state_dict(ckpt["state_dict"])
     return task.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
-
-
-def _instantiate(cls: type, hparams: dict[str, Any]):
-    """Build ``cls(**hparams)`` through jsonargparse so nested ``class_path`` arguments work too."""
-    import inspect
-
-    from jsonargparse import ArgumentParser
-
-    params = inspect.signature(cls.__init__).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        hparams = {k: v for k, v in hparams.items() if k in params}
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(cls, "task", fail_untyped=False)
-    cfg = parser.parse_object({"task": hparams})
-    return parser.instantiate_classes(cfg).task

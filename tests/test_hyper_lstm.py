@@ -499,3 +499,47 @@ def test_hyper_recurrent_dropout_default_inherits_and_zero_turns_it_off():
     c = m.cells[0]
     assert (c.hyper.recurrent_dropout, c.z_input, c.layer_norm_eps, c.layer_norm_bias, c.input_init) == (
         0.0, "previous", 1e-3, False, "xavier_uniform")
+
+
+SWITCHES = dict(hyper_recurrent_dropout=0.0, z_input="previous", layer_norm_eps=1e-3, layer_norm_bias=False,
+                input_init="xavier_uniform")
+
+
+def _hyper_cells(module):
+    return [m for m in module.modules() if isinstance(m, HyperLSTMCell)]
+
+
+def _assert_switched(module):
+    cells = _hyper_cells(module)
+    assert cells
+    for c in cells:
+        assert (c.hyper.recurrent_dropout, c.z_input, c.layer_norm_eps, c.layer_norm_bias, c.input_init) == (
+            0.0, "previous", 1e-3, False, "xavier_uniform")
+        assert c.recurrent_dropout == 0.1  # the main rate is untouched
+
+
+def test_every_model_that_builds_a_hyperlstm_exposes_the_switches():
+    from hypernetworks.models.char_lm import CharLM
+    from hypernetworks.models.handwriting import HandwritingMDN
+    from hypernetworks.models.seq2seq import Seq2Seq
+    from hypernetworks.tasks.handwriting import HandwritingTask
+    from hypernetworks.tasks.language_model import LanguageModelTask
+    from hypernetworks.tasks.translation import TranslationTask
+
+    small = dict(hyper_size=4, recurrent_dropout=0.1)
+    _assert_switched(CharLM(10, cell="ln-hyperlstm", hidden_size=6, embedding_size=2, **small, **SWITCHES))
+    _assert_switched(HandwritingMDN("ln-hyperlstm", hidden_size=6, num_mixtures=2, embedding_size=2, **small,
+                                    **SWITCHES))
+    _assert_switched(Seq2Seq(20, embed_size=6, hidden_size=6, cell="ln-hyperlstm", hyper_embedding_size=2, **small,
+                             **SWITCHES))
+    # ... and through the tasks' constructor arguments (what a YAML recipe sets)
+    _assert_switched(LanguageModelTask(cell="ln-hyperlstm", hidden_size=6, embedding_size=2, vocab=list("abc"),
+                                       **small, **SWITCHES).net)
+    _assert_switched(HandwritingTask("iam-ln-hyperlstm-900", model_overrides=dict(hidden_size=6, **small,
+                                                                                  **SWITCHES)).model)
+    _assert_switched(TranslationTask("multi30k-gnmt-ln-hyperlstm", model_vocab_size=20,
+                                     model_args=dict(embed_size=6, hidden_size=6, **small, **SWITCHES)).net)
+    # defaults: the package's (z from h_hat_t, torch's LayerNorm, paper's init, hyper rate = main rate)
+    c = _hyper_cells(CharLM(10, cell="ln-hyperlstm", hidden_size=6, **small))[0]
+    assert (c.hyper.recurrent_dropout, c.z_input, c.layer_norm_eps, c.layer_norm_bias, c.input_init) == (
+        0.1, "current", 1e-5, True, "orthogonal")

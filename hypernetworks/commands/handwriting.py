@@ -39,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     from hypernetworks.training import load_task
     from hypernetworks.viz.handwriting import save_png, save_svg
 
-    task = load_task(args.checkpoint)
+    try:
+        task = load_task(args.checkpoint)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"hypernetworks handwriting: {e}") from None
     if not isinstance(task, HandwritingTask):
         raise SystemExit(f"hypernetworks handwriting: {args.checkpoint} holds a {type(task).__name__}, "
                          "not a HandwritingTask")

@@ -24,6 +24,7 @@ import random
 import tarfile
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -56,10 +57,11 @@ def read_lines(path: str | Path) -> list[str]:
     try:
         with _open_text(Path(path)) as f:
             return [line.rstrip("\r\n") for line in f]
-    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, OSError) as e:
+    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, OSError, zlib.error) as e:
         if isinstance(e, FileNotFoundError):
             raise
-        raise ValueError(f"cannot read {path} as UTF-8 text (plain or gzip): {e}") from e
+        raise ValueError(f"cannot read {path} as UTF-8 text (plain or gzip; damaged or truncated?): "
+                         f"{type(e).__name__}: {e}") from e
 
 
 @dataclass
@@ -128,7 +130,12 @@ def _tsv_lines(path: Path, member: str | None) -> tuple[list[str], str]:
                 raw = zf.read(member)
             except KeyError:
                 raise FileNotFoundError(f"{member!r} not found inside {path}") from None
-        text = raw.decode("utf-8")
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:  # CRC mismatch, bad deflate data
+                raise ValueError(f"{path}: member {member!r} is damaged ({type(e).__name__}: {e})") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: member {member!r} is not UTF-8 text ({e})") from None
         return [line.rstrip("\r") for line in text.split("\n")[: -1 if text.endswith("\n") else None]], f"{path}:{member}"
     return read_lines(path), str(path)
 
@@ -233,9 +240,12 @@ def _tar_lines(tf: tarfile.TarFile, member: str) -> list[str]:
     f = tf.extractfile(member)
     if f is None:
         raise FileNotFoundError(f"{member} not found in {tf.name}")
-    data = f.read()
-    if member.endswith(".gz"):
-        data = gzip.decompress(data)
+    try:
+        data = f.read()
+        if member.endswith(".gz"):
+            data = gzip.decompress(data)
+    except (tarfile.TarError, gzip.BadGzipFile, zlib.error, EOFError, OSError) as e:
+        raise ValueError(f"{tf.name}: member {member} is damaged or truncated ({type(e).__name__}: {e})") from None
     return [s.rstrip("\r") for s in data.decode("utf-8", errors="replace").split("\n")[:-1]]
 
 

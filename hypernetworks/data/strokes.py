@@ -25,6 +25,7 @@ import logging
 import re
 import xml.etree.ElementTree as ET
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -114,7 +115,7 @@ def load_npz(path: str | Path, min_points: int = 2) -> StrokeLines:
             arrays = {k: z[k] for k in REQUIRED_KEYS}
     except StrokeDataError:
         raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as e:
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError, zlib.error) as e:  # damaged or truncated
         raise StrokeDataError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from e
     lines = StrokeLines(**arrays, source=str(path))
     validate(lines, where=str(path))

@@ -23,6 +23,7 @@ import os
 import urllib.request
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
@@ -155,8 +156,8 @@ def read_enwik8_bytes(path: str | os.PathLike) -> bytes:
         if path.suffix == ".bz2":
             return bz2.decompress(path.read_bytes())
         return path.read_bytes()
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise ValueError(f"{path}: corrupt or unreadable archive ({e})") from None
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+        raise ValueError(f"{path}: corrupt or unreadable archive ({type(e).__name__}: {e})") from None
     except ValueError as e:
         if str(path) in str(e):
             raise

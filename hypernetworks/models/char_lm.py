@@ -20,12 +20,18 @@ from hypernetworks.nn import build_recurrent
 
 
 class CharLM(nn.Module):
-    """``logits, state = model(x, state)`` with x (B, T) int64 symbol ids; logits (B, T, vocab_size)."""
+    """``logits, state = model(x, state)`` with x (B, T) int64 symbol ids; logits (B, T, vocab_size).
+
+    ``hyper_recurrent_dropout`` (None: the main ``recurrent_dropout``), ``z_input``,
+    ``layer_norm_eps``, ``layer_norm_bias`` and ``input_init`` are the cells' switches, documented
+    on :class:`hypernetworks.nn.HyperLSTMCell`; their defaults are the package's defaults."""
 
     def __init__(self, vocab_size: int, cell: str = "lstm", hidden_size: int = 1000, num_layers: int = 1,
                  hyper_size: int = 128, embedding_size: int = 4, embedding_dim: int | None = None,
                  input_dropout: float = 0.0, output_dropout: float = 0.0, recurrent_dropout: float = 0.0,
-                 layer_dropout: float | None = None, hyper_recurrent_dropout: float | None = None) -> None:
+                 layer_dropout: float | None = None, hyper_recurrent_dropout: float | None = None,
+                 z_input: str = "current", layer_norm_eps: float = 1e-5, layer_norm_bias: bool = True,
+                 input_init: str | None = None) -> None:
         super().__init__()
         if not isinstance(vocab_size, int) or vocab_size <= 1:
             raise ValueError(f"vocab_size must be an integer > 1; got {vocab_size!r}")
@@ -44,7 +50,8 @@ class CharLM(nn.Module):
             cell, in_size, hidden_size, num_layers, batch_first=True,
             dropout=output_dropout if layer_dropout is None else layer_dropout,
             recurrent_dropout=recurrent_dropout, hyper_size=hyper_size, embedding_size=embedding_size,
-            hyper_recurrent_dropout=hyper_recurrent_dropout)
+            hyper_recurrent_dropout=hyper_recurrent_dropout, z_input=z_input, layer_norm_eps=layer_norm_eps,
+            layer_norm_bias=layer_norm_bias, input_init=input_init)
         self.output_dropout = nn.Dropout(output_dropout)
         self.decoder = nn.Linear(hidden_size, vocab_size)
 

@@ -84,18 +84,24 @@ class HandwritingMDN(nn.Module):
         num_mixtures: Gaussians in the mixture (Graves / the paper: 20).
         hyper_size, embedding_size: HyperLSTM sizes (the paper: 128 and N_z = 4).
         dropout: between stacked layers; recurrent_dropout: on the candidate (paper keep 0.95).
+        hyper_recurrent_dropout, z_input, layer_norm_eps, layer_norm_bias, input_init: the cells'
+            switches (see :class:`hypernetworks.nn.HyperLSTMCell`); None / defaults keep the package's.
     """
 
     def __init__(self, cell: str = "lstm", hidden_size: int = 900, num_layers: int = 1, num_mixtures: int = 20,
                  hyper_size: int = 128, embedding_size: int = 4, dropout: float = 0.0,
-                 recurrent_dropout: float = 0.0, input_size: int = 3):
+                 recurrent_dropout: float = 0.0, input_size: int = 3, hyper_recurrent_dropout: float | None = None,
+                 z_input: str = "current", layer_norm_eps: float = 1e-5, layer_norm_bias: bool = True,
+                 input_init: str | None = None):
         super().__init__()
         if num_mixtures < 1:
             raise ValueError(f"num_mixtures must be >= 1, got {num_mixtures}")
         self.cell, self.num_mixtures = cell, num_mixtures
         self.rnn = build_recurrent(cell, input_size, hidden_size, num_layers, batch_first=True, dropout=dropout,
                                    recurrent_dropout=recurrent_dropout, hyper_size=hyper_size,
-                                   embedding_size=embedding_size)
+                                   embedding_size=embedding_size, hyper_recurrent_dropout=hyper_recurrent_dropout,
+                                   z_input=z_input, layer_norm_eps=layer_norm_eps, layer_norm_bias=layer_norm_bias,
+                                   input_init=input_init)
         self.head = nn.Linear(hidden_size, 6 * num_mixtures + 1)
 
     @property

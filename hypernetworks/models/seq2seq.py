@@ -92,13 +92,17 @@ class Seq2Seq(nn.Module):
         hyper_size, hyper_embedding_size: the HyperLSTM's N_hat and N_z (paper: 128, 32).
         residual_start: layers with index >= this add their input (GNMT: 2).
         tie_embeddings: share source/target embeddings and the output projection.
+        hyper_recurrent_dropout, z_input, layer_norm_eps, layer_norm_bias, input_init: the cells'
+            switches (see :class:`hypernetworks.nn.HyperLSTMCell`); None / defaults keep the package's.
     """
 
     def __init__(self, vocab_size: int, embed_size: int = 256, hidden_size: int = 256, encoder_layers: int = 2,
                  decoder_layers: int = 2, cell: str = "lstm", attention: str = "additive",
                  input_feeding: bool = False, dropout: float = 0.2, recurrent_dropout: float = 0.0,
                  hyper_size: int = 128, hyper_embedding_size: int = 32, residual_start: int = 2,
-                 tie_embeddings: bool = True):
+                 tie_embeddings: bool = True, hyper_recurrent_dropout: float | None = None,
+                 z_input: str = "current", layer_norm_eps: float = 1e-5, layer_norm_bias: bool = True,
+                 input_init: str | None = None):
         super().__init__()
         for name, v in (("vocab_size", vocab_size), ("embed_size", embed_size), ("hidden_size", hidden_size),
                         ("encoder_layers", encoder_layers), ("decoder_layers", decoder_layers)):
@@ -118,7 +122,9 @@ class Seq2Seq(nn.Module):
         self.input_feeding, self.residual_start = input_feeding, residual_start
         self.dropout = nn.Dropout(dropout)
         H = hidden_size
-        rec = dict(recurrent_dropout=recurrent_dropout, hyper_size=hyper_size, embedding_size=hyper_embedding_size)
+        rec = dict(recurrent_dropout=recurrent_dropout, hyper_size=hyper_size, embedding_size=hyper_embedding_size,
+                   hyper_recurrent_dropout=hyper_recurrent_dropout, z_input=z_input, layer_norm_eps=layer_norm_eps,
+                   layer_norm_bias=layer_norm_bias, input_init=input_init)
 
         self.embedding = nn.Embedding(vocab_size, embed_size, padding_idx=PAD_ID)
         self.tgt_embedding = self.embedding if tie_embeddings else nn.Embedding(vocab_size, embed_size,

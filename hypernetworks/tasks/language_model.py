@@ -70,7 +70,8 @@ class LanguageModelTask(LightningModule):
                  embedding_size: int = 4, embedding_dim: int | None = None, input_dropout: float = 0.0,
                  output_dropout: float = 0.0, recurrent_dropout: float = 0.0,
                  layer_dropout: float | None = None, hyper_recurrent_dropout: float | None = None,
-                 lr: float = 1e-3, weight_decay: float = 0.0, lr_plateau_factor: float | None = None,
+                 z_input: str = "current", layer_norm_eps: float = 1e-5, layer_norm_bias: bool = True,
+                 input_init: str | None = None, lr: float = 1e-3, weight_decay: float = 0.0, lr_plateau_factor: float | None = None,
                  lr_plateau_patience: int = 0, lr_plateau_threshold: float = 0.0,
                  vocab: list[str] | None = None) -> None:
         super().__init__()
@@ -104,7 +105,10 @@ class LanguageModelTask(LightningModule):
         return dict(cell=h.cell, hidden_size=h.hidden_size, num_layers=h.num_layers, hyper_size=h.hyper_size,
                     embedding_size=h.embedding_size, embedding_dim=h.embedding_dim, input_dropout=h.input_dropout,
                     output_dropout=h.output_dropout, recurrent_dropout=h.recurrent_dropout,
-                    layer_dropout=h.layer_dropout, hyper_recurrent_dropout=h.hyper_recurrent_dropout)
+                    layer_dropout=h.layer_dropout, hyper_recurrent_dropout=h.hyper_recurrent_dropout,
+                    # the cells' switches; .get: checkpoints saved before they existed hold the defaults
+                    z_input=h.get("z_input", "current"), layer_norm_eps=h.get("layer_norm_eps", 1e-5),
+                    layer_norm_bias=h.get("layer_norm_bias", True), input_init=h.get("input_init"))
 
     def _build(self, vocab: list[str]) -> None:
         self.vocab = vocab

@@ -80,10 +80,12 @@ def _residual_3x3(name: str, module: nn.Module) -> bool:
 
 
 def hyper_wide_resnet(depth: int = 40, width: int = 2, embedding_size: int = 64, base: int = 16,
-                      **overrides) -> WideResNet:
-    """``hyperize`` of WideResNet(depth, width, **overrides): 3x3 residual convs from base x base x 3x3 tiles."""
+                      init: str | float = "match", **overrides) -> WideResNet:
+    """``hyperize`` of WideResNet(depth, width, **overrides): 3x3 residual convs from base x base x 3x3 tiles.
+    ``init="generator"`` gives the earlier start (every layer at the std of one 16x16 tile's Kaiming
+    init, e.g. 0.118 where a 128->128 layer's own is 0.042), kept for the comparison in docs/static.md."""
     return hyperize(WideResNet(depth, width, **overrides), layers=_residual_3x3, tile_size=base,
-                    embedding_size=embedding_size, inplace=True)
+                    embedding_size=embedding_size, init=init, inplace=True)
 
 
 def _register(depth: int, width: int) -> None:

@@ -364,7 +364,49 @@ def make_trainer(
 
 
 class HypernetworksCLI(LightningCLI):
-    """LightningCLI plus run directory, default loggers/checkpoints and atomic checkpoint writes."""
+    """LightningCLI plus run directory, default loggers/checkpoints and atomic checkpoint writes.
+
+    Before running a subcommand it calls the data module's ``check_data()`` when it has one (the
+    project's data modules do): missing dataset files raise
+    :class:`~hypernetworks.data.root.DataNotFoundError` before anything is written, and a run
+    folder this invocation created is removed again if that error comes later.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from hypernetworks.data.root import DataNotFoundError
+
+        try:
+            super().__init__(*args, **kwargs)
+        except DataNotFoundError:
+            if getattr(self, "_new_run_dir", False) and self.run_dir.is_dir():
+                import shutil
+
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        # argparse prints the usage before every error; the generated one lists every option (~50 lines)
+        self.parser.usage = "%(prog)s {fit,validate,test,predict} --config RECIPE.yaml [--key VALUE ...]"
+        for sub in getattr(self, "_subcommand_parsers", {}).values():
+            sub.usage = "%(prog)s --config RECIPE.yaml [--key VALUE ...]"
+
+    def _check_data(self) -> None:
+        check = getattr(self.datamodule, "check_data", None)
+        if callable(check):
+            check()
+
+    def before_fit(self) -> None:
+        self._check_data()
+
+    def before_validate(self) -> None:
+        self._check_data()
+
+    def before_test(self) -> None:
+        self._check_data()
+
+    def before_predict(self) -> None:
+        self._check_data()
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run_name", type=str | None, default=None,
@@ -388,6 +430,7 @@ class HypernetworksCLI(LightningCLI):
                 task_cls.__name__.lower() if task_cls is not None else "run")
         run_dir = Path(cfg.get("runs_root") or "runs") / name
         self.run_dir = run_dir
+        self._new_run_dir = not run_dir.exists()
         trainer_cfg = cfg["trainer"]
         if trainer_cfg.get("default_root_dir") in (None, "", os.getcwd()):
             trainer_cfg["default_root_dir"] = str(run_dir)
@@ -404,17 +447,77 @@ class HypernetworksCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+def _config_paths(args: list[str]) -> list[str]:
+    """The values of ``--config X`` / ``--config=X`` / ``-c X`` that look like file names."""
+    found = []
+    for i, a in enumerate(args):
+        if a in ("--config", "-c") and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith("--config="):
+            value = a.split("=", 1)[1]
+        else:
+            continue
+        if value.endswith((".yaml", ".yml", ".json")) and "\n" not in value:
+            found.append(value)
+    return found
+
+
+def _missing_config_message(path: str) -> str:
+    import difflib
+
+    folder = Path(path).parent
+    names = sorted(p.name for p in folder.glob("*.y*ml")) if folder.is_dir() else []
+    close = difflib.get_close_matches(Path(path).name, names, n=3, cutoff=0.6)
+    if close:
+        hint = f"; did you mean {', '.join(str(folder / c) for c in close)}?"
+    elif names:
+        hint = f" ({len(names)} recipes in {folder}/)"
+    else:
+        hint = f" (no folder {folder}/ under {Path.cwd()})"
+    return f"config file not found: {path}{hint}"
+
+
 def run_cli(args: list[str] | None = None, run: bool = True) -> HypernetworksCLI:
-    return HypernetworksCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=args,
-        run=run,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-    )
+    """Run (or, with ``run=False``, only build) the training command line.
+
+    ``args`` defaults to ``sys.argv[1:]``. Missing dataset files or a missing ``--config`` file end
+    the program with one clear message on stderr and a non-zero exit (``SystemExit``), no traceback.
+    Progress bars are on only when stdout and stderr are terminals (``--trainer.enable_progress_bar``
+    overrides that).
+    """
+    import sys
+
+    from hypernetworks._console import interactive, quiet_lightning_tips
+    from hypernetworks.data.root import DataNotFoundError
+
+    argv = list(sys.argv[1:] if args is None else args)
+    prog = f"hypernetworks {argv[0]}" if argv and not argv[0].startswith("-") else "hypernetworks"
+    for path in _config_paths(argv):
+        if not Path(path).is_file():
+            print(f"{prog}: {_missing_config_message(path)}", file=sys.stderr)
+            raise SystemExit(2)
+    quiet_lightning_tips()
+    # LightningCLI reads sys.argv when args is None and warns (echoing both) when it gets args while
+    # sys.argv holds others; argv *is* the command line here, and DDP's launcher re-runs sys.argv
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "hypernetworks", *argv]
+    try:
+        return HypernetworksCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=None,
+            run=run,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={"enable_progress_bar": interactive()},
+        )
+    except DataNotFoundError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        sys.argv = saved
 
 
 # ----------------------------------------------------------------------------- loading

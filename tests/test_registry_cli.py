@@ -25,6 +25,28 @@ def test_create_model_passes_overrides_and_rejects_unknown_names():
     assert isinstance(small, nn.Module)
     with pytest.raises(ValueError, match="unknown model 'no-such-model'"):
         create_model("no-such-model")
+    with pytest.raises(TypeError, match="model name must be a str"):
+        create_model(3)
+
+
+@pytest.mark.parametrize("typo, expected", [
+    ("hyperwrn-40-2", "hyper-wrn-40-2"),  # normalised names are equal: suggested first
+    ("HyperWRN_40_2", "hyper-wrn-40-2"),
+    ("wrn402", "wrn-40-2"),
+    ("ptb-hyper-lstm", "ptb-hyperlstm"),
+    ("mnist-hyperr", "mnist-hyper"),  # one letter off
+])
+def test_unknown_names_suggest_close_registered_ones(typo, expected):
+    with pytest.raises(ValueError, match=f"did you mean '{expected}'") as info:
+        create_model(typo)
+    assert "list_models" in str(info.value)
+    assert hypernetworks.models.registry.close_matches(typo)[0] == expected
+
+
+def test_no_suggestion_for_a_name_like_nothing():
+    with pytest.raises(ValueError) as info:
+        create_model("qqqq")
+    assert "did you mean" not in str(info.value)
 
 
 def test_registering_a_name_twice_is_refused():

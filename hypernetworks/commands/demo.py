@@ -37,13 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default="runs/demo", help="where checkpoints, logs and pictures go")
     p.add_argument("--sample-length", type=int, default=400, help="characters in the activity picture")
     p.add_argument("--quick", action="store_true", help="a smoke run: 20 steps of a tiny model")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="hide the progress bars (they show only when the output is a terminal anyway)")
     return p
 
 
 def _train(cell: str, args, run_dir: Path):
     from lightning.pytorch import seed_everything
 
+    from hypernetworks._console import interactive
     from hypernetworks.data.text import PydocTextDataModule
     from hypernetworks.tasks.language_model import LanguageModelTask
     from hypernetworks.training import make_trainer
@@ -56,7 +58,7 @@ def _train(cell: str, args, run_dir: Path):
     trainer = make_trainer(
         run_dir / cell, LanguageModelTask, max_steps=args.steps, val_check_interval=args.steps, check_val_every_n_epoch=None,
         num_sanity_val_steps=0, gradient_clip_val=1.0, accelerator="cpu", devices=1,
-        enable_progress_bar=not args.no_progress, enable_model_summary=False,
+        enable_progress_bar=not args.no_progress and interactive(), enable_model_summary=False,
         limit_val_batches=3 if args.quick else 1.0, log_every_n_steps=max(1, min(50, args.steps // 4)))
     t0 = time.perf_counter()
     trainer.fit(task, datamodule=dm)
@@ -83,8 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("hypernetworks demo: --embedding-dim must be >= 0")
     import torch
 
+    import lightning.pytorch  # noqa: F401  (configures its loggers on import; the levels below must come after)
+
+    from hypernetworks._console import quiet_lightning_tips
+
     torch.set_num_threads(args.threads)
     # keep the terminal to the progress bars and the result table
+    quiet_lightning_tips()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module=r"lightning\..*")

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule
+
+from hypernetworks.data.root import data_root, dataset_dir, require_files
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -48,8 +50,8 @@ class DatasetFileError(RuntimeError):
 
 
 def default_data_root() -> Path:
-    """$HYPERNETWORKS_DATA, else ../shared/data (beside the checkout, as the tests use it)."""
-    return Path(os.environ.get("HYPERNETWORKS_DATA", Path.cwd().parent / "shared" / "data"))
+    """The data folder: $HYPERNETWORKS_DATA, else the per-user data directory (see hypernetworks.data.root)."""
+    return data_root()
 
 
 def _cache_dir(cache_dir: str | os.PathLike | None) -> Path:
@@ -447,18 +449,28 @@ class MNISTDataModule(_ImageDataModule):
     """MNIST with the paper's augmentation (pad to 30, random 28x28 crop) and normalisation.
 
     Args:
-        root: folder with the IDX files; default <data root>/mnist (see ``default_data_root``).
+        root: folder with the IDX files; default <data folder>/mnist (see hypernetworks.data.root).
         val_size: training images held out for validation (0: validate on the test set).
+        download: fetch missing files from the official mirrors into ``root`` (default on).
     """
 
     mean, std = (0.1307,), (0.3081,)
 
     def __init__(self, root: str | None = None, batch_size: int = 100, eval_batch_size: int = 1000,
-                 val_size: int = 5000, augment: bool = True, num_workers: int = 0, download: bool = False,
+                 val_size: int = 5000, augment: bool = True, num_workers: int = 0, download: bool = True,
                  seed: int = 0) -> None:
         super().__init__(batch_size, eval_batch_size, val_size, num_workers, seed)
-        self.root = Path(root) if root else default_data_root() / "mnist"
+        self._root_given = bool(root)
+        self.root = dataset_dir("mnist", root or None)
         self.augment, self.download = augment, download
+
+    def check_data(self) -> None:
+        """Raise DataNotFoundError if an IDX file is missing and will not be downloaded."""
+        require_files("mnist", [[self.root / (stem + ".gz"), self.root / stem] for stem in MNIST.resources],
+                      explicit=self._root_given, download=self.download)
+
+    def prepare_data(self) -> None:
+        self.check_data()
 
     def load(self, train: bool) -> MNIST:
         return MNIST(self.root, train=train, download=self.download)
@@ -472,7 +484,8 @@ class CIFAR10DataModule(_ImageDataModule):
     """CIFAR-10 with the standard augmentation (4-pixel zero pad + random 32x32 crop, horizontal flip).
 
     Args:
-        root: folder with cifar-10-batches-py/ or cifar10_jpg.tar.gz; default <data root>/cifar10.
+        root: folder with cifar-10-batches-py/ or cifar10_jpg.tar.gz; default <data folder>/cifar10.
+        download: fetch the official python batches into ``root`` when neither is there (default on).
         cache_dir: where decoded JPEGs are cached (default $HYPERNETWORKS_CACHE or ~/.cache/hypernetworks).
         limit_per_class: read only this many images per class and split (for quick runs).
     """
@@ -480,12 +493,21 @@ class CIFAR10DataModule(_ImageDataModule):
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
     def __init__(self, root: str | None = None, batch_size: int = 128, eval_batch_size: int = 500,
-                 val_size: int = 0, augment: bool = True, num_workers: int = 0, download: bool = False,
+                 val_size: int = 0, augment: bool = True, num_workers: int = 0, download: bool = True,
                  cache_dir: str | None = None, limit_per_class: int | None = None, seed: int = 0) -> None:
         super().__init__(batch_size, eval_batch_size, val_size, num_workers, seed)
-        self.root = Path(root) if root else default_data_root() / "cifar10"
+        self._root_given = bool(root)
+        self.root = dataset_dir("cifar10", root or None)
         self.augment, self.download, self.cache_dir = augment, download, cache_dir
         self.limit_per_class = limit_per_class
+
+    def check_data(self) -> None:
+        """Raise DataNotFoundError if neither source is present and nothing will be downloaded."""
+        require_files("cifar10", [[self.root / CIFAR10.batch_dir, self.root / CIFAR10.jpeg_tarball]],
+                      explicit=self._root_given, download=self.download)
+
+    def prepare_data(self) -> None:
+        self.check_data()
 
     def load(self, train: bool) -> CIFAR10:
         return CIFAR10(self.root, train=train, download=self.download, cache_dir=self.cache_dir,

@@ -33,6 +33,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from hypernetworks.data.root import dataset_dir, require_files
+
 log = logging.getLogger(__name__)
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -464,11 +466,28 @@ class TranslationDataModule(LightningDataModule):
             raise ValueError(f"src_lang/tgt_lang must be en and fr for {dataset}, got {src_lang!r}->{tgt_lang!r}")
         if dataset == "files" and not train_files:
             raise ValueError("train_files is required when dataset='files'")
-        if dataset != "files" and root is None:
-            raise ValueError(f"root (the folder holding the {dataset} files) is required")
         self.save_hyperparameters()
+        # root=None: <data folder>/<the corpus's folder>, resolved now (hypernetworks.data.root)
+        self._root_given = root is not None
+        self.root = dataset_dir(dataset, root) if dataset != "files" else (Path(root) if root else None)
         self.tokenizer: SubwordTokenizer | None = None
         self.splits: dict[str, EncodedPairs] = {}
+
+    def check_data(self) -> None:
+        """Raise DataNotFoundError (one paragraph: which files, where, what to do) if the corpus is missing."""
+        hp, root = self.hparams, self.root
+        if hp.dataset == "files":
+            return  # the reader names any missing file
+        if hp.dataset == "tatoeba":
+            groups = [[root / "fra-eng.zip", root / "fra.txt", root / "fra.txt.gz"]]
+        else:
+            names = (["train", "val", hp.test_set or "test_2016_flickr"] if hp.dataset == "multi30k"
+                     else ["train"])
+            groups = [[root / f"{n}.{lang}", root / f"{n}.{lang}.gz"] for n in names for lang in ("en", "fr")]
+        require_files(hp.dataset, groups, explicit=self._root_given, download=hp.download)
+
+    def prepare_data(self) -> None:
+        self.check_data()
 
     # -- reading
     def _read_files(self, files: list[str]) -> ParallelCorpus:
@@ -481,7 +500,7 @@ class TranslationDataModule(LightningDataModule):
     def read_split(self, split: str) -> ParallelCorpus:
         """Raw pairs of ``train`` / ``val`` / ``test`` (in the source->target direction)."""
         hp = self.hparams
-        root = Path(hp.root) if hp.root else None
+        root = self.root
         s, t = hp.src_lang, hp.tgt_lang
         if hp.dataset == "multi30k":
             name = {"train": "train", "val": "val", "test": hp.test_set or "test_2016_flickr"}[split]

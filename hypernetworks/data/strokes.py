@@ -36,9 +36,11 @@ from lightning.pytorch import LightningDataModule
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
+from hypernetworks.data.root import dataset_dir, require_files
+
 log = logging.getLogger(__name__)
 
-DEFAULT_NPZ = "../shared/data/iam_ondb/iam_ondb_linestrokes.npz"
+NPZ_NAME = "iam_ondb_linestrokes.npz"  # the repacked file, in <data folder>/iam_ondb/ by default
 REQUIRED_KEYS = ("strokes", "line_offsets", "line_ids", "texts")
 SPLITS = ("train", "val", "test")
 
@@ -322,7 +324,8 @@ class IAMOnDBDataModule(LightningDataModule):
     """IAM-OnDB lines for unconditional handwriting generation (Graves 2013, section 4).
 
     Args:
-        path: the repacked ``.npz`` (ignored when ``xml_root`` is given).
+        path: the repacked ``.npz`` (ignored when ``xml_root`` is given); default
+            ``<data folder>/iam_ondb/iam_ondb_linestrokes.npz`` (see hypernetworks.data.root).
         xml_root: a folder with the original ``lineStrokes/`` and ``ascii/`` trees.
         batch_size: sequences per batch (the paper: 32).
         val_fraction, test_fraction: share of *forms* held out (see :func:`split_of`).
@@ -337,7 +340,7 @@ class IAMOnDBDataModule(LightningDataModule):
 
     def __init__(
         self,
-        path: str = DEFAULT_NPZ,
+        path: str | None = None,
         xml_root: str | None = None,
         batch_size: int = 32,
         val_fraction: float = 0.1,
@@ -359,7 +362,9 @@ class IAMOnDBDataModule(LightningDataModule):
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
         self.save_hyperparameters()
-        self.path, self.xml_root = path, xml_root
+        self._path_given = path is not None
+        self.path = path if path is not None else str(dataset_dir("iam_ondb") / NPZ_NAME)
+        self.xml_root = xml_root
         self.batch_size, self.num_workers = batch_size, num_workers
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.clip, self.scale_augment, self.max_len = clip, scale_augment, max_len
@@ -376,6 +381,17 @@ class IAMOnDBDataModule(LightningDataModule):
         if self.mean is None:
             self.setup()
         return {"mean": self.mean.tolist(), "std": self.std.tolist()}
+
+    def check_data(self) -> None:
+        """Raise DataNotFoundError (one paragraph: which file, where, what to do) if the data is missing."""
+        if self.xml_root:
+            root = Path(self.xml_root).expanduser()
+            require_files("iam_ondb", [[root / "lineStrokes"]], explicit=True, option="xml_root")
+        else:
+            require_files("iam_ondb", [[Path(self.path).expanduser()]], explicit=self._path_given, option="path")
+
+    def prepare_data(self) -> None:
+        self.check_data()
 
     def setup(self, stage: str | None = None) -> None:
         if self._splits:

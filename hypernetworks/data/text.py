@@ -32,11 +32,12 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 
+from hypernetworks.data.root import dataset_dir, require_files
+
 IGNORE_INDEX = -100
 UNK = "\ufffd"  # the Unicode replacement character stands for any symbol unseen in training
 UnknownPolicy = Literal["error", "unk", "skip"]
 
-DEFAULT_DATA_ROOT = Path(os.environ.get("HYPERNETWORKS_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
 ENWIK8_BYTES = 100_000_000
 
@@ -321,10 +322,21 @@ class PTBCharDataModule(CharStreamDataModule):
 
     name = "PTB char"
 
-    def __init__(self, root: str = str(DEFAULT_DATA_ROOT / "ptb"), batch_size: int = 128, seq_len: int = 100,
+    def __init__(self, root: str | None = None, batch_size: int = 128, seq_len: int = 100,
                  eval_batch_size: int = 16, eval_seq_len: int | None = None, unknown: UnknownPolicy = "error") -> None:
         super().__init__(batch_size, seq_len, eval_batch_size, eval_seq_len, unknown)
-        self.root = root
+        # root=None: <data folder>/ptb, the folder resolved now (hypernetworks.data.root)
+        self._root_given = root is not None
+        self.root = str(dataset_dir("ptb", root))
+
+    def check_data(self) -> None:
+        """Raise DataNotFoundError (one paragraph: which files, where, what to do) if a split is missing."""
+        root = Path(self.root)
+        require_files("ptb", [[root / f"ptb.char.{s}.txt"] for s in ("train", "valid", "test")],
+                      explicit=self._root_given)
+
+    def prepare_data(self) -> None:
+        self.check_data()
 
     def read_splits(self) -> _Splits:
         root = Path(self.root)
@@ -332,22 +344,31 @@ class PTBCharDataModule(CharStreamDataModule):
 
 
 class Enwik8DataModule(CharStreamDataModule):
-    """enwik8 as bytes (90M/5M/5M). ``path`` is ``enwik8``/``enwik8.zip`` or a stand-in file (the
-    default: the Wikipedia XML excerpt in ../shared/data, split 90/5/5 by the same protocol)."""
+    """enwik8 as bytes (90M/5M/5M). ``path`` is ``enwik8``/``enwik8.zip`` or a stand-in file split
+    90/5/5 by the same protocol (e.g. the Wikipedia XML excerpt in ../shared/data/wikipedia_xml_gensim).
+    Default: ``<data folder>/enwik8/enwik8.zip`` (hypernetworks.data.root), downloaded there (36 MB)
+    from the Hutter prize page when missing; ``download=False`` never goes online."""
 
     name = "enwik8"
 
-    def __init__(self, path: str = str(DEFAULT_DATA_ROOT / "wikipedia_xml_gensim" /
-                                       "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"),
-                 download: bool = False, batch_size: int = 128, seq_len: int = 250, eval_batch_size: int = 16,
-                 eval_seq_len: int | None = None, unknown: UnknownPolicy = "unk") -> None:
+    def __init__(self, path: str | None = None, download: bool = True, batch_size: int = 128, seq_len: int = 250,
+                 eval_batch_size: int = 16, eval_seq_len: int | None = None, unknown: UnknownPolicy = "unk") -> None:
         super().__init__(batch_size, seq_len, eval_batch_size, eval_seq_len, unknown)
-        self.path, self.download = path, download
+        self._path_given = path is not None
+        self.path = path if path is not None else str(dataset_dir("enwik8") / "enwik8.zip")
+        self.download = download
+
+    def check_data(self) -> None:
+        """Raise DataNotFoundError if the file is missing and will not be downloaded."""
+        p = Path(self.path).expanduser()
+        require_files("enwik8", [[p, p.parent / "enwik8.zip"] if self.download else [p]],
+                      explicit=self._path_given, option="path")
 
     def prepare_data(self) -> None:
         p = Path(self.path).expanduser()
         if self.download and not p.exists():
             download_enwik8(p.parent)
+        self.check_data()
 
     def read_splits(self) -> _Splits:
         p = Path(self.path).expanduser()

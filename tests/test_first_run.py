@@ -1,0 +1,240 @@
+"""A first run as a new user makes it: one data folder, a clear paragraph when data is missing,
+short errors for typos, quiet redirected output (issue 13, section 3)."""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import require_file
+
+from hypernetworks import _console
+from hypernetworks.cli import main as cli_main
+from hypernetworks.data import root as data_root_mod
+from hypernetworks.data.images import CIFAR10DataModule, MNISTDataModule
+from hypernetworks.data.parallel import TranslationDataModule
+from hypernetworks.data.root import DataNotFoundError, data_root, dataset_dir
+from hypernetworks.data.strokes import IAMOnDBDataModule
+from hypernetworks.data.text import Enwik8DataModule, PTBCharDataModule
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "configs").glob("*.yaml"))  # configs/study/ are the lead's own runs
+
+
+# ----------------------------------------------------------------------------- the data folder
+
+def test_data_root_order(monkeypatch, tmp_path):
+    monkeypatch.setenv("HYPERNETWORKS_DATA", str(tmp_path / "mine"))
+    assert data_root() == tmp_path / "mine"
+    monkeypatch.delenv("HYPERNETWORKS_DATA")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert data_root() == tmp_path / "xdg" / "hypernetworks"
+    monkeypatch.delenv("XDG_DATA_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert data_root() == tmp_path / "home" / ".local" / "share" / "hypernetworks"
+
+
+def test_conftest_points_the_data_folder_at_the_shared_data():
+    assert os.environ["HYPERNETWORKS_DATA"]
+    assert data_root() == Path(os.environ["HYPERNETWORKS_DATA"])
+
+
+@pytest.mark.parametrize("make, attr, expected", [
+    (lambda: PTBCharDataModule(), "root", "ptb"),
+    (lambda: MNISTDataModule(), "root", "mnist"),
+    (lambda: CIFAR10DataModule(), "root", "cifar10"),
+    (lambda: Enwik8DataModule(), "path", "enwik8/enwik8.zip"),
+    (lambda: IAMOnDBDataModule(), "path", "iam_ondb/iam_ondb_linestrokes.npz"),
+    (lambda: TranslationDataModule(dataset="multi30k"), "root", "multi30k_en_fr"),
+    (lambda: TranslationDataModule(dataset="tatoeba"), "root", "tatoeba_anki_fra_eng"),
+    (lambda: TranslationDataModule(dataset="wmt14"), "root", "wmt14_en_fr"),
+], ids=["ptb", "mnist", "cifar10", "enwik8", "iam", "multi30k", "tatoeba", "wmt14"])
+def test_every_data_module_defaults_to_the_data_folder_read_when_built(make, attr, expected, monkeypatch, tmp_path):
+    monkeypatch.setenv("HYPERNETWORKS_DATA", str(tmp_path))
+    assert Path(getattr(make(), attr)) == tmp_path / expected
+
+
+def test_an_explicit_root_is_used_as_given(monkeypatch, tmp_path):
+    monkeypatch.setenv("HYPERNETWORKS_DATA", str(tmp_path))
+    assert PTBCharDataModule(root="../shared/data/ptb").root == "../shared/data/ptb"
+    assert MNISTDataModule(root="rel/mnist").root == Path("rel/mnist")
+    assert TranslationDataModule(dataset="multi30k", root="x/y").root == Path("x/y")
+    assert dataset_dir("ptb", "a/b") == Path("a/b")
+
+
+def test_downloads_are_on_by_default_only_where_the_owner_publishes_the_data():
+    assert MNISTDataModule().download and CIFAR10DataModule().download and Enwik8DataModule().download
+    assert {k for k, v in data_root_mod.DATASETS.items() if v.downloadable} == {"mnist", "cifar10", "enwik8", "wmt14"}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_recipes_read_the_data_folder(recipe, monkeypatch, tmp_path):
+    """No recipe hard-codes a data location: its data module resolves under $HYPERNETWORKS_DATA."""
+    text = recipe.read_text()
+    code = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+    assert "shared/data" not in code and ".cache" not in code
+    data = yaml.safe_load(text)["data"]
+    module, _, name = data["class_path"].rpartition(".")
+    cls = getattr(__import__(module, fromlist=[name]), name)
+    monkeypatch.setenv("HYPERNETWORKS_DATA", str(tmp_path))
+    dm = cls(**data.get("init_args", {}))
+    location = getattr(dm, "root", None) or getattr(dm, "path", None)
+    if location is not None:  # the pydoc text ships with Python
+        assert Path(location).is_relative_to(tmp_path), location
+
+
+# ----------------------------------------------------------------------------- missing data
+
+@pytest.mark.parametrize("make, names", [
+    (lambda: PTBCharDataModule(), ["ptb.char.train.txt", "ptb.char.valid.txt", "ptb.char.test.txt"]),
+    (lambda: MNISTDataModule(download=False), ["train-images-idx3-ubyte.gz"]),
+    (lambda: CIFAR10DataModule(download=False), ["cifar-10-batches-py", "cifar10_jpg.tar.gz"]),
+    (lambda: Enwik8DataModule(download=False), ["enwik8.zip"]),
+    (lambda: IAMOnDBDataModule(), ["iam_ondb_linestrokes.npz"]),
+    (lambda: TranslationDataModule(dataset="multi30k"), ["train.en", "val.fr"]),
+    (lambda: TranslationDataModule(dataset="tatoeba"), ["fra-eng.zip"]),
+], ids=["ptb", "mnist", "cifar10", "enwik8", "iam", "multi30k", "tatoeba"])
+def test_missing_data_is_one_paragraph_naming_file_place_and_remedy(make, names, monkeypatch, tmp_path):
+    monkeypatch.setenv("HYPERNETWORKS_DATA", str(tmp_path))
+    dm = make()
+    with pytest.raises(DataNotFoundError) as info:
+        dm.prepare_data()  # what Lightning calls first
+    msg = str(info.value)
+    assert isinstance(info.value, FileNotFoundError)
+    for n in names:
+        assert n in msg
+    flat = " ".join(msg.split())
+    assert str(tmp_path) in flat and "HYPERNETWORKS_DATA" in flat and "--data.init_args." in flat
+    assert ("download true" in flat) == data_root_mod.DATASETS[info.value.dataset].downloadable
+    assert "\n\n" not in msg and len(msg) < 900
+
+
+def test_missing_data_check_passes_when_the_files_are_there(shared_data):
+    PTBCharDataModule().check_data()
+    MNISTDataModule(download=False).check_data()
+    TranslationDataModule(dataset="multi30k").check_data()
+
+
+def test_an_explicit_wrong_root_is_reported_as_such(tmp_path):
+    with pytest.raises(DataNotFoundError, match="given explicitly"):
+        PTBCharDataModule(root=str(tmp_path / "nowhere")).check_data()
+
+
+def test_fit_without_data_prints_the_paragraph_and_leaves_nothing(tmp_path):
+    """The real command, as a new user types it, from a folder without data."""
+    env = {**os.environ, "HYPERNETWORKS_DATA": str(tmp_path / "empty"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "hypernetworks.cli", "fit", "--config", str(REPO / "configs/ptb-small-hyperlstm.yaml"),
+         "--runs_root", str(tmp_path / "runs")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert "Penn Treebank (character level) not found" in proc.stderr
+    assert str(tmp_path / "empty" / "ptb") in " ".join(proc.stderr.split())
+    assert "args parameter" not in proc.stderr and "Tip:" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_fit_with_the_data_folder_trains_quietly(shared_data, tmp_path, capfd, monkeypatch):
+    """The recipe finds PTB through $HYPERNETWORKS_DATA alone and trains, with output captured (not a
+    terminal): no progress-bar frames, no advertising, no warning about LightningCLI's args. The data
+    folder holds the first lines of the real PTB files (reading all 5M characters takes 20 s)."""
+    for split in ("train", "valid", "test"):
+        src = require_file(shared_data / "ptb" / f"ptb.char.{split}.txt")
+        with open(src) as f:
+            head = "".join(f.readline() for _ in range(400 if split == "train" else 60))
+        (tmp_path / "data" / "ptb").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / "ptb" / src.name).write_text(head)
+    monkeypatch.setenv("HYPERNETWORKS_DATA", str(tmp_path / "data"))
+    rc = cli_main(["fit", "--config", str(REPO / "configs/ptb-small-hyperlstm.yaml"), "--runs_root", str(tmp_path),
+                   "--run_name", "r", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+                   "--trainer.limit_val_batches", "1", "--model.init_args.hidden_size", "16",
+                   "--model.init_args.hyper_size", "8", "--data.init_args.batch_size", "4",
+                   "--data.init_args.seq_len", "10", "--data.init_args.eval_batch_size", "4",
+                   "--data.init_args.unknown", "skip"])  # the excerpt of train lacks a few symbols
+    assert rc == 0
+    out = capfd.readouterr()
+    text = out.out + out.err
+    assert (tmp_path / "r" / "checkpoints" / "last.ckpt").is_file()
+    assert "it/s" not in text and "\r" not in text
+    assert "Tip:" not in text and "args parameter" not in text
+    assert len(text) < 4000, text
+
+
+# ----------------------------------------------------------------------------- typos, terminals
+
+def test_a_config_typo_is_a_short_error_with_suggestions(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as info:
+        cli_main(["fit", "--config", "configs/ptb-smal-hyperlstm.yaml"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "config file not found: configs/ptb-smal-hyperlstm.yaml" in err
+    assert "configs/ptb-small-hyperlstm.yaml" in err and len(err.splitlines()) <= 2
+
+
+def test_a_mistyped_option_prints_a_short_usage(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as info:
+        cli_main(["fit", "--config", "configs/pydoc-lstm.yaml", "--trainer.max_stepz", "2"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "max_stepz" in err and len(err.splitlines()) <= 6, err
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch):
+    class Stream:
+        def __init__(self, tty):
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+
+    monkeypatch.setattr(sys, "stdout", Stream(True))
+    monkeypatch.setattr(sys, "stderr", Stream(True))
+    assert _console.interactive()
+    monkeypatch.setattr(sys, "stdout", Stream(False))
+    assert not _console.interactive()
+
+
+def test_lightning_tips_are_dropped_and_other_messages_kept():
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    handler, level = Keep(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        _console.quiet_lightning_tips()
+        rank_zero_info("💡 Tip: For seamless cloud logging, try installing litlogger")
+        rank_zero_info("GPU available: False")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert records == ["GPU available: False"]
+
+
+def test_demo_output_redirected_is_small_and_has_no_tips(tmp_path, capfd):
+    assert cli_main(["demo", "--quick", "--steps", "2", "--sample-length", "20", "--run-dir", str(tmp_path)]) == 0
+    out = capfd.readouterr()
+    text = out.out + out.err
+    assert "valid bpc" in out.out
+    assert "Tip:" not in text and "it/s" not in text and "\r" not in text
+    assert len(text) < 2000, text
+
+
+def test_tests_cannot_download():
+    import urllib.request
+
+    with pytest.raises(RuntimeError, match="tried to download"):
+        urllib.request.urlopen("https://example.com/data.zip")

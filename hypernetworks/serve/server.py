@@ -342,6 +342,26 @@ def _take(items: Iterator, flush_interval: float, max_steps: int) -> list:
     return out
 
 
+def _close_later(items: Iterator, busy: threading.Lock) -> None:
+    """Close a task's step generator (so it restores the model's mode) once no thread runs it: a
+    client that leaves cancels the request while a worker thread may still be computing a chunk."""
+    close = getattr(items, "close", None)
+    if close is None:
+        return
+
+    def close_when_idle():
+        with busy:
+            close()
+
+    if busy.acquire(blocking=False):
+        try:
+            close()
+        finally:
+            busy.release()
+    else:
+        threading.Thread(target=close_when_idle, daemon=True).start()
+
+
 class DemoApp:
     """The checkpoint index, a small cache of loaded tasks, and the generation queue."""
 
@@ -415,9 +435,10 @@ class DemoApp:
         except ValueError as e:  # the task's own check of its arguments (prime outside the vocabulary, ...)
             raise RequestError(400, _scrub(str(e), self.index)) from None
 
-    def _next_chunk(self, items: Iterator, entry: CheckpointEntry) -> list:
+    def _next_chunk(self, items: Iterator, entry: CheckpointEntry, busy: threading.Lock) -> list:
         try:
-            return _take(items, self.flush_interval, self.max_length)
+            with busy:
+                return _take(items, self.flush_interval, self.max_length)
         except ValueError as e:
             raise RequestError(400, _scrub(str(e), self.index)) from None
         except Exception as e:
@@ -435,11 +456,12 @@ class DemoApp:
             t0 = time.monotonic()
             task = await anyio.to_thread.run_sync(self.task, entry)
             items = await anyio.to_thread.run_sync(self._open_stream, task, entry, args)
+            busy = threading.Lock()  # held by the thread computing a chunk
             try:
                 yield "start", {"checkpoint": entry.id, "kind": task.demo_kind, "length": args["length"]}
                 t = 0
                 while True:
-                    chunk = await anyio.to_thread.run_sync(self._next_chunk, items, entry)
+                    chunk = await anyio.to_thread.run_sync(self._next_chunk, items, entry, busy)
                     if not chunk:
                         break
                     steps, intensity = zip(*chunk)
@@ -447,11 +469,7 @@ class DemoApp:
                     t += len(chunk)
                 yield "end", {"steps": t, "seconds": round(time.monotonic() - t0, 3)}
             finally:
-                # A generator left early (client gone): let it restore the model's mode now. Called
-                # here, not in a thread: a cancelled scope would skip an await, and it is quick.
-                close = getattr(items, "close", None)
-                if close is not None:
-                    close()
+                _close_later(items, busy)
 
 
 # ------------------------------------------------------------------------------ web app

@@ -155,6 +155,7 @@
     const thisRun = run;
     setBusy(true);
     setState("waiting");
+    els.output.dataset.steps = "0";
     els.progress.textContent = "asking the model…";
     const timer = setTimeout(() => ctrl.abort(), CONNECT_TIMEOUT_MS);
     try {

@@ -110,8 +110,6 @@ def _tile_size(tile_size) -> tuple[int, int]:
 
 def _misfit(m: nn.Module, weight: torch.Tensor, tile: tuple[int, int]) -> str | None:
     """Why this layer's weight cannot be tiled, or None."""
-    if isinstance(weight, nn.parameter.UninitializedParameter):
-        return "a lazy layer whose shape is not known yet (run one forward first)"
     if not weight.is_floating_point():
         return f"weight dtype {weight.dtype} is not floating point"
     out, inp = weight.shape[0], weight.shape[1]
@@ -181,14 +179,21 @@ def hyperize(model: nn.Module, layers: LayerSpec = None, *, tile_size: int | tup
     entries: list[LayerEntry] = []
     chosen: list[tuple[str, nn.Module]] = []
     for name, m in model.named_modules():
+        if name.startswith("parametrizations.") or ".parametrizations." in name:
+            continue  # the insides of existing parametrizations (their layer is reported)
+        if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
+            entries.append(LayerEntry(f"{name}.weight" if name else "weight", type(m).__name__, (), False,
+                                      "a lazy layer whose shape is not known yet (run one forward first)"))
+            continue
         own = [(pn, p) for pn, p in m.named_parameters(recurse=False) if p.dim() >= 2]
-        supported = isinstance(m, SUPPORTED_LAYERS) and not isinstance(m, nn.modules.lazy.LazyModuleMixin)
+        supported = isinstance(m, SUPPORTED_LAYERS)
+        why = (f"{type(m).__name__} is not a supported layer type "
+               f"({', '.join('nn.' + t.__name__ for t in SUPPORTED_LAYERS)})")
         if supported and parametrize.is_parametrized(m, "weight"):
             supported = False  # weight_norm, spectral_norm, ...: already a parametrization
             why = "its weight already has a parametrization"
-        else:
-            why = (f"{type(m).__name__} is not a supported layer type "
-                   f"({', '.join('nn.' + t.__name__ for t in SUPPORTED_LAYERS)})")
+            own.insert(0, ("weight", m.weight))
+        kind = parametrize.type_before_parametrizations(m).__name__
         if supported:
             own = [(pn, p) for pn, p in own if pn != "weight"]
             w = m.weight
@@ -203,7 +208,7 @@ def hyperize(model: nn.Module, layers: LayerSpec = None, *, tile_size: int | tup
                 chosen.append((name, m))
                 entries.append(LayerEntry(f"{name}.weight", type(m).__name__, tuple(w.shape), True, ""))
         for pn, p in own:  # other weight matrices stay ordinary: say so
-            entries.append(LayerEntry(f"{name}.{pn}" if name else pn, type(m).__name__, tuple(p.shape), False, why))
+            entries.append(LayerEntry(f"{name}.{pn}" if name else pn, kind, tuple(p.shape), False, why))
     if isinstance(layers, (str, list)):  # a pattern that matches no layer is a typo: say so
         names = [n for n, _ in model.named_modules()]
         missing = [p for p in ([layers] if isinstance(layers, str) else layers)

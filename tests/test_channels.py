@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from hypernetworks.nn.channels import ChannelHyperPatchEmbed, channel_subsets, r
 from hypernetworks.nn.static import parameter_report
 from hypernetworks.tasks.channels import ChannelClassifier
 
+REPO = Path(__file__).resolve().parents[1]
 NAMES = ["red", "green", "blue"]
 META = {"red": [605.0, 90.0], "green": [535.0, 90.0], "blue": [465.0, 80.0]}
 
@@ -279,3 +281,32 @@ def test_task_argument_errors():
         ChannelClassifier(eval_subsets="some")
     with pytest.raises(ValueError, match="list the subsets"):
         ChannelClassifier(model_args=dict(channels=[f"b{i}" for i in range(11)]), eval_subsets="all")
+
+
+BENCHMARK_RECIPES = sorted(p for pat in ("so2sat-*.yaml", "jumpcp-*.yaml", "chammi-*.yaml", "cifar10-channels-*.yaml")
+                           for p in (REPO / "configs").glob(pat))
+
+
+@pytest.mark.parametrize("recipe", BENCHMARK_RECIPES, ids=lambda p: p.stem)
+def test_channel_recipes_build(recipe):
+    """Every channel recipe names a registered model that builds with its arguments (on the meta
+    device: shapes only), valid task arguments, and a data module that takes its arguments."""
+    import importlib
+    import inspect
+
+    import yaml
+
+    cfg = yaml.safe_load(recipe.read_text())
+    init = cfg["model"]["init_args"]
+    assert cfg["model"]["class_path"] == "hypernetworks.tasks.channels.ChannelClassifier"
+    assert set(init) <= set(inspect.signature(ChannelClassifier.__init__).parameters)
+    with torch.device("meta"):
+        model = create_model(init["model"], **(init.get("model_args") or {}))
+    assert model.head.out_features == init.get("num_classes", 10)
+    subsets = init.get("eval_subsets", "all")
+    if subsets not in ("all", "full"):
+        assert all(c in model.channel_names for s in subsets for c in s)
+    assert all(c in model.channel_names for c in init.get("train_channels") or [])
+    module, _, cls = cfg["data"]["class_path"].rpartition(".")
+    data_cls = getattr(importlib.import_module(module), cls)
+    assert set(cfg["data"].get("init_args") or {}) <= set(inspect.signature(data_cls.__init__).parameters)

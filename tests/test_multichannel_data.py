@@ -184,6 +184,11 @@ def test_chammi_training_and_per_sub_dataset_test(tmp_path):
     m = trainer.test(task, datamodule=dm, verbose=False)[0]
     for key in ("test_acc", f"test_acc/{'+'.join(hpa)}", f"test_acc/{'+'.join(cp)}", f"test_acc/{'+'.join(hpa[:2])}"):
         assert 0.0 <= m[key] <= 1.0
+    wrong = ChannelClassifier("hypernet-vit-tiny-p4", num_classes=5, model_args=dict(
+        channels=hpa + cp, num_classes=5, img_size=8, embed_dim=16, depth=1, num_heads=2))
+    with pytest.raises(ValueError, match="the data has 4 classes but num_classes=5"):
+        Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, accelerator="cpu").fit(wrong, datamodule=dm)
 
 
 # ---------------------------------------------------------------------------------- JUMP-CP

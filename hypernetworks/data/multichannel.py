@@ -279,6 +279,10 @@ class CHAMMI(Dataset):
                 raise DatasetFileError(f"{path}: row {k + 2} is incomplete or has a bad channel_width: {r}")
         return rows
 
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -521,6 +525,11 @@ class _MultiChannelDataModule(LightningDataModule):
         self.root = Path(root) if root else default_data_root() / folder
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.train_set = self.val_set = self.test_set = None
+
+    @property
+    def num_classes(self) -> int | None:
+        """The training data's classes (after setup); the task checks its num_classes against it."""
+        return None if self.train_set is None else self.train_set.num_classes
 
     def _loader(self, ds: Dataset, train: bool) -> DataLoader:
         return DataLoader(ds, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,

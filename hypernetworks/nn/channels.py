@@ -181,10 +181,9 @@ class ChannelHyperPatchEmbed(nn.Module):
         rows = [[float(v) for v in metadata[c]] for c in names]
         if len({len(r) for r in rows}) != 1 or not rows[0]:
             raise ValueError(f"metadata entries must be non-empty lists of the same length, got {dict(zip(names, rows))}")
-        t = torch.tensor(rows, dtype=torch.float32)
-        if not torch.isfinite(t).all():
-            raise ValueError("metadata must be finite numbers")
-        return t
+        if not all(math.isfinite(v) for r in rows for v in r):
+            raise ValueError(f"metadata must be finite numbers, got {dict(zip(names, rows))}")
+        return torch.tensor(rows, dtype=torch.float32)
 
     @property
     def conditioning(self) -> str:

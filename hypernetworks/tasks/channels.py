@@ -143,6 +143,13 @@ class ChannelClassifier(ImageClassifier):
         self.log("val_loss", F.cross_entropy(logits, y), prog_bar=True, batch_size=len(y))
         self.log("val_acc", self.val_acc, prog_bar=True, batch_size=len(y))
 
+    def on_fit_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        n = getattr(dm, "num_classes", None)
+        if n is not None and n != self.hparams.num_classes:
+            raise ValueError(f"the data has {n} classes but num_classes={self.hparams.num_classes} "
+                             "(set model.init_args.num_classes and model_args.num_classes)")
+
     def unseen_channels(self) -> list[str]:
         """Channels the model knows that training never used."""
         if self.train_channels is None:

@@ -127,6 +127,7 @@ class HyperLSTMCell(nn.Module):
         self.layer_norm_eps = check_eps(layer_norm_eps)
         self.layer_norm_bias = bool(layer_norm_bias)
         self.input_init = check_choice("input_init", input_init, ("orthogonal", "xavier_uniform"))
+        self.bias = bool(bias)  # as nn.LSTMCell's flag; b_0 itself is scaling.bias
         H = hidden_size
         self.weight_ih = nn.Parameter(torch.empty(4 * H, input_size))  # W_x, gates i, g, f, o
         self.weight_hh = nn.Parameter(torch.empty(4 * H, H))           # W_h

@@ -305,12 +305,14 @@ def test_bidirectional_lstm_equals_torch_given_the_same_weights(batch_first):
     # packed, unsorted lengths: the reverse direction reads each sequence within its own length
     seqs = [torch.randn(n, I, dtype=torch.double) for n in (3, 5, 1, 4)]
     packed = pack_sequence(seqs, enforce_sorted=False)
-    out, (h, c) = ours(packed)
-    ref_out, (ref_h, ref_c) = ref(packed)
-    torch.testing.assert_close(out.data, ref_out.data)
-    assert torch.equal(out.batch_sizes, ref_out.batch_sizes)
-    torch.testing.assert_close(h, ref_h)
-    torch.testing.assert_close(c, ref_c)
+    hx = tuple(torch.randn(4, len(seqs), H, dtype=torch.double) for _ in range(2))  # in the caller's order
+    for args in ((packed,), (packed, hx)):
+        out, (h, c) = ours(*args)
+        ref_out, (ref_h, ref_c) = ref(*args)
+        torch.testing.assert_close(out.data, ref_out.data)
+        assert torch.equal(out.batch_sizes, ref_out.batch_sizes)
+        torch.testing.assert_close(h, ref_h)
+        torch.testing.assert_close(c, ref_c)
     # unbatched
     out, (h, c) = ours(x[:, 0])
     ref_out, (ref_h, _) = ref(x[:, 0])
@@ -381,3 +383,19 @@ def test_bidirectional_activity_and_hx_shapes():
     rnn = HyperRNN(I, H, 2, bidirectional=True, hyper_size=HH)
     out, h_n = rnn(x, torch.zeros(4, 3, H))
     assert out.shape == (5, 3, 2 * H) and h_n.shape == (4, 3, H + HH)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_gradcheck_bidirectional_hyper(packed):
+    torch.manual_seed(7)
+    m = perturb_(HyperLSTM(3, 4, 2, bidirectional=True, hyper_size=3, embedding_size=2, layer_norm=True)).double()
+    lengths = [4, 2, 3]
+    x = torch.randn(4, 3, 3, dtype=torch.double, requires_grad=True)
+    names, params = zip(*m.named_parameters())
+
+    def fn(x, *ps):
+        inp = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x
+        out, state = torch.func.functional_call(m, dict(zip(names, ps)), (inp,))
+        return (out.data if packed else out), *state
+
+    assert torch.autograd.gradcheck(fn, (x, *params), fast_mode=True)

@@ -69,7 +69,8 @@ DATASETS: dict[str, DatasetInfo] = {
         "holding the unpacked lineStrokes/ and ascii/ as --data.init_args.xml_root"),
     "multi30k": DatasetInfo(
         "Multi30k En-Fr", "multi30k_en_fr", False,
-        "the gzipped text files are in data/task1/raw/ of https://github.com/multi30k/dataset"),
+        "not downloaded here: the gzipped files are in data/task1/raw/ of https://github.com/multi30k/dataset "
+        "(this project used commit a3d2e0d26b56f3846f66a952536ffed4e401d05a)"),
     "tatoeba": DatasetInfo(
         "Tatoeba / Anki fra-eng", "tatoeba_anki_fra_eng", False,
         "fra-eng.zip is at https://www.manythings.org/anki/ (that site asks not to be fetched by scripts)"),

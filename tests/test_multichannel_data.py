@@ -14,11 +14,12 @@ from lightning.pytorch import Trainer
 from PIL import Image
 
 from hypernetworks.data.images import DatasetFileError
-from hypernetworks.data.multichannel import (CHAMMI, CHAMMI_CHANNELS, JUMPCP, JUMPCP_CHANNELS, SO2SAT_CHANNELS,
+from hypernetworks.data.multichannel import (CHAMMI, CHAMMI_CHANNELS, chammi_benchmark, in_split, JUMPCP, JUMPCP_CHANNELS, SO2SAT_CHANNELS,
                                              SO2SAT_METADATA, CHAMMIDataModule, ChannelNormalize, So2SatLCZ42,
                                              SubDatasetBatchSampler, channel_stats, collate_channels, fold_strip,
                                              jumpcp_split)
-from hypernetworks.tasks.channels import ChannelClassifier
+from hypernetworks.models.vit import ChannelAdaptiveViT
+from hypernetworks.tasks.channels import ChannelClassifier, evaluate_chammi
 
 # ---------------------------------------------------------------------------------- So2Sat
 
@@ -189,6 +190,76 @@ def test_chammi_training_and_per_sub_dataset_test(tmp_path):
     with pytest.raises(ValueError, match="the data has 4 classes but num_classes=5"):
         Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                 enable_model_summary=False, accelerator="cpu").fit(wrong, datamodule=dm)
+
+
+def _slow_chammi(features, rows, leave):
+    """MorphEm's evaluation written out with plain loops: 1-NN (Euclidean) on Train, macro-F1 over
+    the labels present; a leave-out task fits Train + the task's other groups for each group."""
+    labels = list(dict.fromkeys(r["Label"] for r in rows))
+    y = [labels.index(r["Label"]) for r in rows]
+
+    def nn1(fit, query):
+        out = []
+        for q in query:
+            d = [float(((features[q] - features[f]) ** 2).sum()) for f in fit]
+            out.append(y[fit[d.index(min(d))]])
+        return out
+
+    def f1(pred, truth):
+        scores = []
+        for c in sorted(set(truth)):
+            tp = sum(p == c and t == c for p, t in zip(pred, truth))
+            fp = sum(p == c and t != c for p, t in zip(pred, truth))
+            fn = sum(p != c and t == c for p, t in zip(pred, truth))
+            prec = tp / (tp + fp) if tp + fp else 0.0
+            rec = tp / (tp + fn) if tp + fn else 0.0
+            scores.append(2 * prec * rec / (prec + rec) if prec + rec else 0.0)
+        return sum(scores) / len(scores)
+
+    train = [i for i, r in enumerate(rows) if r["train_test_split"] == "Train"]
+    out = {}
+    for task in dict.fromkeys(r["train_test_split"] for r in rows if r["train_test_split"] != "Train"):
+        member = [i for i, r in enumerate(rows) if in_split(r, task)]
+        if leave and task == leave[0]:
+            pred, truth = [], []
+            for g in dict.fromkeys(rows[i][leave[1]] for i in member):
+                held = [i for i in member if rows[i][leave[1]] == g]
+                pred += nn1(train + [i for i in member if rows[i][leave[1]] != g], held)
+                truth += [y[i] for i in held]
+        else:
+            pred, truth = nn1(train, member), [y[i] for i in member]
+        out[task] = (sum(p == t for p, t in zip(pred, truth)) / len(truth), f1(pred, truth), len(truth))
+    return out
+
+
+def test_chammi_benchmark_matches_a_slow_reference():
+    g = torch.Generator().manual_seed(0)
+    splits = ["Train"] * 12 + ["Task_one"] * 5 + ["Task_two"] * 4 + ["Task_three"] * 6
+    rows = []
+    for k, split in enumerate(splits):
+        row = {"train_test_split": split, "Label": ["er", "golgi", "nucleoli"][k % 3],
+               "cell_type": ["A", "B"][k % 2], "Task_one": "", "Task_two": ""}
+        rows.append(row)
+    rows[14]["Task_two"] = "True"  # a Task_one row that also serves Task_two (the CSV's task columns)
+    rows[13]["Task_one"], rows[17]["Task_two"] = "True", "False"
+    feats = torch.randn(len(rows), 5, generator=g)
+    feats[torch.arange(len(rows)), torch.tensor([k % 3 for k in range(len(rows))])] += 1.5
+    got = chammi_benchmark(feats, rows, "HPA")
+    ref = _slow_chammi(feats, rows, ("Task_three", "cell_type"))
+    assert list(got) == list(ref) == ["Task_one", "Task_two", "Task_three"]
+    for task, (acc, f1, n) in ref.items():
+        assert got[task]["n"] == n
+        assert got[task]["accuracy"] == pytest.approx(acc) and got[task]["f1_macro"] == pytest.approx(f1)
+    with pytest.raises(ValueError, match="feature rows"):
+        chammi_benchmark(feats[:3], rows, "HPA")
+
+
+def test_evaluate_chammi_runs_a_model_over_every_image(tmp_path):
+    _write_chammi(tmp_path, "Allen", [("Train", "M0"), ("Train", "M1"), ("Task_one", "M0"), ("Task_two", "M1")])
+    model = ChannelAdaptiveViT(CHAMMI_CHANNELS["Allen"], num_classes=2, img_size=8, patch_size=4, embed_dim=8,
+                               depth=1, num_heads=2)
+    scores = evaluate_chammi(model, str(tmp_path), ["Allen"], img_size=8, batch_size=3)
+    assert set(scores["Allen"]) == {"Task_one", "Task_two"} and scores["Allen"]["Task_one"]["n"] == 1
 
 
 # ---------------------------------------------------------------------------------- JUMP-CP

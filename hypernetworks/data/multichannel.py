@@ -48,7 +48,7 @@ __all__ = [
     "So2SatLCZ42", "CHAMMI", "JUMPCP", "ChannelNormalize", "SubDatasetBatchSampler", "collate_channels",
     "So2SatDataModule", "CHAMMIDataModule", "JUMPCPDataModule",
     "SO2SAT_CHANNELS", "SO2SAT_METADATA", "SO2SAT_CLASSES", "CHAMMI_CHANNELS", "JUMPCP_CHANNELS",
-    "download_so2sat", "download_chammi", "download_jumpcp", "fold_strip",
+    "download_so2sat", "download_chammi", "download_jumpcp", "fold_strip", "chammi_benchmark", "in_split",
 ]
 
 # ------------------------------------------------------------------------------------ So2Sat
@@ -221,6 +221,76 @@ def _read_png(path: Path) -> np.ndarray:
     return arr
 
 
+def in_split(row: dict[str, str], split: str) -> bool:
+    """Whether a CHAMMI metadata row belongs to ``split``: the task's own True/False column where
+    the CSV has one (a row may serve several tasks), else its ``train_test_split`` value."""
+    if split != "Train" and split in row and row[split] not in (None, ""):
+        return row[split].strip().lower() in ("true", "1")
+    return row["train_test_split"] == split
+
+
+# CHAMMI's out-of-distribution tasks scored by leaving out one group at a time (MorphEm benchmark).
+CHAMMI_LEAVE_OUT = {"Allen": None, "HPA": ("Task_three", "cell_type"), "CP": ("Task_four", "Plate")}
+
+
+def _nearest_neighbour(train_x: Tensor, train_y: Tensor, test_x: Tensor, chunk: int = 4096) -> Tensor:
+    """1-nearest-neighbour (Euclidean) labels of ``test_x``."""
+    out = [train_y[torch.cdist(test_x[k:k + chunk], train_x).argmin(1)] for k in range(0, len(test_x), chunk)]
+    return torch.cat(out) if out else train_y.new_zeros(0)
+
+
+def _macro_f1(pred: Tensor, truth: Tensor) -> float:
+    """F1 averaged over the labels present in ``truth`` (as CHAMMI scores with sklearn's
+    ``f1_score(labels=unique(truth), average="macro")``)."""
+    f1 = []
+    for c in truth.unique():
+        tp = int(((pred == c) & (truth == c)).sum())
+        fp = int(((pred == c) & (truth != c)).sum())
+        fn = int(((pred != c) & (truth == c)).sum())
+        f1.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return float(sum(f1) / len(f1)) if f1 else float("nan")
+
+
+def chammi_benchmark(features: Tensor, rows: list[dict[str, str]], sub_dataset: str) -> dict[str, dict[str, float]]:
+    """CHAMMI's evaluation of one sub-dataset: ``features`` (one row per metadata row, file order)
+    are classified by a 1-nearest-neighbour classifier fitted on the Train rows, for every task
+    split; a leave-out task (HPA Task_three by cell type, CP Task_four by plate) instead classifies
+    each group with a classifier fitted on Train plus the task's other groups. Returns
+    ``{task: {"accuracy", "f1_macro", "n"}}``; CHAMMI's headline is the macro-F1."""
+    if len(features) != len(rows):
+        raise ValueError(f"{len(features)} feature rows for {len(rows)} metadata rows")
+    if sub_dataset not in CHAMMI_LEAVE_OUT:
+        raise ValueError(f"sub_dataset must be one of {list(CHAMMI_LEAVE_OUT)}, got {sub_dataset!r}")
+    x = features.float()
+    codes: dict[str, int] = {}
+    y = torch.tensor([codes.setdefault(r["Label"], len(codes)) for r in rows])
+    tasks = []
+    for r in rows:
+        if r["train_test_split"] != "Train" and r["train_test_split"] not in tasks:
+            tasks.append(r["train_test_split"])
+    train = torch.tensor([r["train_test_split"] == "Train" for r in rows])
+    leave = CHAMMI_LEAVE_OUT[sub_dataset]
+    out = {}
+    for task in tasks:
+        member = torch.tensor([in_split(r, task) for r in rows])
+        if leave is not None and task == leave[0]:
+            groups = [r.get(leave[1]) for r in rows]
+            if any(g in (None, "") for g, m in zip(groups, member.tolist()) if m):
+                raise ValueError(f"{sub_dataset} {task}: rows without the leave-out column {leave[1]!r}")
+            preds, truths = [], []
+            for g in dict.fromkeys(g for g, m in zip(groups, member.tolist()) if m):
+                held = member & torch.tensor([gg == g for gg in groups])
+                fit = train | (member & ~held)
+                preds.append(_nearest_neighbour(x[fit], y[fit], x[held]))
+                truths.append(y[held])
+            pred, truth = torch.cat(preds), torch.cat(truths)
+        else:
+            pred, truth = _nearest_neighbour(x[train], y[train], x[member]), y[member]
+        out[task] = {"accuracy": float((pred == truth).float().mean()) if len(truth) else float("nan"),
+                     "f1_macro": _macro_f1(pred, truth), "n": int(len(truth))}
+    return out
+
+
 class CHAMMI(Dataset):
     """CHAMMI single-cell images of one or more sub-datasets and one or more splits.
 
@@ -237,23 +307,26 @@ class CHAMMI(Dataset):
     """
 
     def __init__(self, root: str | os.PathLike, sub_datasets: Sequence[str] = ("Allen", "HPA", "CP"),
-                 splits: Sequence[str] = ("Train",), classes: Sequence[str] | None = None,
+                 splits: Sequence[str] | str = ("Train",), classes: Sequence[str] | None = None,
                  transform: Callable | None = None) -> None:
         self.root = Path(root)
         bad = [s for s in sub_datasets if s not in CHAMMI_CHANNELS]
         if bad or not sub_datasets:
             raise ValueError(f"sub_datasets must be among {list(CHAMMI_CHANNELS)}, got {list(sub_datasets)}")
-        bad = [s for s in splits if s not in CHAMMI_SPLITS]
-        if bad or not splits:
-            raise ValueError(f"splits must be among {CHAMMI_SPLITS}, got {list(splits)}")
+        if splits != "all":
+            bad = [s for s in splits if s not in CHAMMI_SPLITS]
+            if bad or not splits or isinstance(splits, str):
+                raise ValueError(f"splits must be 'all' or a list among {CHAMMI_SPLITS}, got {splits!r}")
         self.transform = transform
         rows, train_labels = [], set()
+        self.rows: dict[str, list[dict[str, str]]] = {}  # the metadata of each sub-dataset, file order
         for sub in sub_datasets:
-            for r in self._read_csv(self.root / sub / "enriched_meta.csv"):
+            self.rows[sub] = self._read_csv(self.root / sub / "enriched_meta.csv")
+            for r in self.rows[sub]:
                 label = f"{sub}:{r['Label']}"
                 if r["train_test_split"] == "Train":
                     train_labels.add(label)
-                if r["train_test_split"] in splits:
+                if splits == "all" or any(in_split(r, s) for s in splits):
                     rows.append((sub, r["file_path"], int(r["channel_width"]), label))
         self.classes = list(classes) if classes is not None else sorted(train_labels)
         index = {c: k for k, c in enumerate(self.classes)}

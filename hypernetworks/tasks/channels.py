@@ -175,3 +175,27 @@ class ChannelClassifier(ImageClassifier):
             acc = self.subset_acc[key]
             acc(self(self._select(x, names, subset), subset), y)
             self.log(f"test_acc/{_subset_key(subset)}", acc, batch_size=len(y))
+
+
+@torch.no_grad()
+def evaluate_chammi(model: torch.nn.Module, root: str, sub_datasets: Sequence[str] = ("Allen", "HPA", "CP"),
+                    img_size: int = 224, batch_size: int = 128) -> dict[str, dict[str, dict[str, float]]]:
+    """CHAMMI's benchmark for a trained channel-adaptive model: its features (``forward_features``)
+    of every image of each sub-dataset, scored by ``chammi_benchmark`` (1-NN, macro-F1 per task).
+    Returns ``{sub_dataset: {task: {"accuracy", "f1_macro", "n"}}}``."""
+    from torch.utils.data import DataLoader
+
+    from hypernetworks.data.multichannel import CHAMMI, _ResizeTo, chammi_benchmark, collate_channels
+
+    was_training = model.training
+    model.eval()
+    out = {}
+    try:
+        for sub in sub_datasets:
+            ds = CHAMMI(root, [sub], "all", transform=_ResizeTo(img_size))
+            feats = [model.forward_features(x, names)
+                     for x, _, names in DataLoader(ds, batch_size=batch_size, collate_fn=collate_channels)]
+            out[sub] = chammi_benchmark(torch.cat(feats), ds.rows[sub], sub)
+    finally:
+        model.train(was_training)
+    return out

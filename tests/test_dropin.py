@@ -223,14 +223,17 @@ def test_constructor_order_and_attributes_match_nn_lstm():
     args = (I, H, 2, False, True, 0.25, True)  # ..., bias, batch_first, dropout, bidirectional
     ref = nn.LSTM(*args)
     for m in (LSTM(*args), hyper(*args)):
-        for name in ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
+        for name in ("mode", "input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
                      "bidirectional", "proj_size"):
             assert getattr(m, name) == getattr(ref, name), name
         m.flatten_parameters()  # exists, does nothing
+        before = [p.clone() for p in m.parameters()]
+        m.reset_parameters()  # re-initialises both directions
+        assert all(not torch.equal(a, p) for a, p in zip(before, m.parameters()) if p.dim() == 2)
     rnn_args = (I, H, 2, "tanh", False, True, 0.25, True)
     ref_rnn, ours = nn.RNN(*rnn_args), HyperRNN(*rnn_args)
-    for name in ("input_size", "hidden_size", "num_layers", "nonlinearity", "bias", "batch_first", "dropout",
-                 "bidirectional"):
+    for name in ("mode", "input_size", "hidden_size", "num_layers", "nonlinearity", "bias", "batch_first",
+                 "dropout", "bidirectional"):
         assert getattr(ours, name) == getattr(ref_rnn, name), name
     ours.flatten_parameters()
     with pytest.raises(ValueError, match="nonlinearity"):

@@ -182,6 +182,11 @@ class RecurrentLayers(nn.Module):
              f"batch_first={self.batch_first}, dropout={self.dropout}")
         return s + (", bidirectional=True" if self.bidirectional else "")
 
+    def reset_parameters(self) -> None:
+        """Re-initialise every cell (both directions), as nn.LSTM.reset_parameters() does."""
+        for cell in [*self.cells, *getattr(self, "cells_reverse", [])]:
+            cell.reset_parameters()
+
     def flatten_parameters(self) -> None:
         """No-op, for code written for torch.nn.LSTM (which calls it after loading or moving a
         model so that cuDNN sees one contiguous weight buffer). These layers never hand their

@@ -237,6 +237,7 @@ class HyperLSTM(RecurrentLayers):
             input_size, hidden_size, num_layers, bidirectional)
         super().__init__(cells, batch_first=batch_first, dropout=dropout, reverse_cells=reverse)
         self.bias = bool(bias)
+        self.mode = "LSTM"  # nn.LSTM's attribute (code branches on it to build (h_0, c_0))
         self.pair_state = bool(pair_state)
         self.hyper_size = hyper_size
         self.embedding_size = embedding_size
@@ -327,6 +328,7 @@ class HyperRNN(RecurrentLayers):
             input_size, hidden_size, num_layers, bidirectional)
         super().__init__(cells, batch_first=batch_first, dropout=dropout, reverse_cells=reverse)
         self.nonlinearity = nonlinearity
+        self.mode = "RNN_TANH"
         self.bias = bool(bias)
         self.hyper_size = hyper_size
         self.embedding_size = embedding_size

@@ -236,14 +236,18 @@ DROP_IN_NOTES = """
       PackedSequence; output and final state in nn.LSTM's layout, (T, B, D * H) and
       (num_layers * D, B, size) indexed ``layer * D + direction`` with D = 2 when bidirectional.
       The reverse direction runs each sequence reversed within its own length.
-    * attributes ``input_size, hidden_size, num_layers, bias, batch_first, dropout,
-      bidirectional, proj_size``; ``flatten_parameters()`` exists and does nothing (there is no
-      cuDNN weight buffer to compact), so scripts that call it after loading a model run.
+    * attributes ``mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
+      bidirectional, proj_size``; ``reset_parameters()``; ``flatten_parameters()`` exists and does
+      nothing (there is no cuDNN weight buffer to compact), so scripts that call it after loading
+      a model run.
     * differs: parameters live in per-layer cells (``cells.0.weight_ih``; reverse direction
       ``cells_reverse.0.weight_ih``) with gates stacked i, g, f, o and one bias vector, not
       nn.LSTM's ``weight_ih_l0`` (i, f, g, o, two biases); hence no ``all_weights`` or
       ``_flat_weights``, and nn.LSTM state dicts do not load (copy weights as the tests do).
-      Inputs of another dtype than the parameters raise a TypeError naming both.
+      nn.RNNBase's internal helpers (``check_forward_args``, ``check_input``,
+      ``get_expected_hidden_size``, ``permute_hidden``) are not provided: input and state are
+      checked where they enter, with a ValueError naming the argument and the expected shape, and
+      inputs or states of another dtype than the parameters raise a TypeError naming both.
 """
 
 
@@ -272,6 +276,7 @@ class LSTM(RecurrentLayers):
             input_size, hidden_size, num_layers, bidirectional)
         super().__init__(cells, batch_first=batch_first, dropout=dropout, reverse_cells=reverse)
         self.bias = bool(bias)
+        self.mode = "LSTM"
         self.layer_norm = bool(layer_norm)
         self.recurrent_dropout = float(recurrent_dropout)
         if device is not None or dtype is not None:

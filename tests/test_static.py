@@ -236,6 +236,21 @@ def test_params_command_prints_every_model(capsys):
     assert params_cmd.main(["no-such-model*"]) == 1
 
 
+def test_both_counting_conventions_give_the_papers_hyper_wrn_figures(capsys):
+    # every parameter: 97,770 and 155,626; counted as the paper's plain 0.563M / 2.236M are
+    # (our plain nets have 930 / 7,546 more, all in layers ordinary in both twins): 96,840 / 148,080,
+    # which the paper prints as 0.097M and 0.148M
+    for width, paper_plain, expected in ((1, 563_000, 96_840), (2, 2_236_000, 148_080)):
+        r = parameter_report(create_model(f"hyper-wrn-40-{width}"), plain_count=paper_plain)
+        assert r["plain_convention"] == paper_plain - r["generated"] + r["generator"] + r["embeddings"] == expected
+    assert params_cmd.main(["hyper-wrn-40-*", "--millions"]) == 0
+    out = capsys.readouterr().out
+    assert "paper convention" in out.splitlines()[0]
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
+    assert rows["hyper-wrn-40-1"][-1] == "0.097M" and rows["hyper-wrn-40-2"][-1] == "0.148M"
+    assert rows["hyper-wrn-40-1"][1] == "0.098M" and rows["hyper-wrn-40-2"][1] == "0.156M"  # every parameter
+
+
 def test_kernel_mosaic_layout():
     import numpy as np
 
@@ -248,4 +263,6 @@ def test_kernel_mosaic_layout():
     assert np.isnan(img[2]).all() and np.isnan(img[:, 2]).all()
     assert kernel_mosaic(w, max_out=1, max_in=2).shape == (2, 5)
     with pytest.raises(ValueError, match="out, in, f, f"):
-        kernel_mosaic(torch.zeros(3, 3))
+        kernel_mosaic(torch.zeros(3))
+    np.testing.assert_array_equal(kernel_mosaic(w[:, :, 0, 0]), w[:, :, 0, 0].numpy())  # a Linear weight
+    assert kernel_mosaic(w[:, :, 0]).shape == (2 * 2 - 1, 3 * 3 - 1)  # Conv1d: 1 x k cells

@@ -1,7 +1,9 @@
 """``hypernetworks kernels --checkpoint X --out k.png``: draw a checkpoint's conv kernels.
 
-For a hypernetwork model the kernels of its HyperConv2d layers are generated (one batched call)
-and drawn; for a conventional model its k x k (k > 1) conv kernels are drawn, for comparison.
+For a hypernetwork model (a hyperized one, or one with HyperConv2d layers) its generated weights
+are made (one batched call per generator) and drawn: conv kernels as grids of f x f cells, Conv1d
+kernels as rows of k cells, Linear weights as matrices; for a conventional model its k x k (k > 1)
+conv kernels are drawn, for comparison.
 """
 from __future__ import annotations
 
@@ -10,17 +12,15 @@ import argparse
 import torch
 import torch.nn as nn
 
-from hypernetworks.nn.static import HyperConv2d, generate_kernels
+from hypernetworks.nn.static import generated_weights
 from hypernetworks.viz.kernels import save_kernel_grid
 
 
 def collect_kernels(model: nn.Module) -> tuple[list[tuple[str, torch.Tensor]], bool]:
     """[(layer name, kernel)] of the generated layers, or of the ordinary k x k convs if none."""
-    hyper = [(n, m) for n, m in model.named_modules() if isinstance(m, HyperConv2d)]
+    hyper = generated_weights(model)
     if hyper:
-        with torch.no_grad():
-            weights = generate_kernels([m for _, m in hyper])
-        return [(n, w) for (n, _), w in zip(hyper, weights)], True
+        return hyper, True
     convs = [(n, m.weight.detach()) for n, m in model.named_modules()
              if isinstance(m, nn.Conv2d) and m.kernel_size[0] > 1]
     return convs, False

@@ -35,6 +35,7 @@ __all__ = [
     "TiledWeight",
     "batched_kernels",
     "generate_kernels",
+    "generated_weights",
     "materialise",
     "parameter_report",
 ]
@@ -273,6 +274,17 @@ class TiledWeight(nn.Module):
 def _hyper_layers(module: nn.Module) -> list[HyperConv2d | TiledWeight]:
     """Every generated weight under ``module``: HyperConv2d layers and TiledWeight parametrizations."""
     return [m for m in module.modules() if isinstance(m, (HyperConv2d, TiledWeight))]
+
+
+@torch.no_grad()
+def generated_weights(module: nn.Module) -> list[tuple[str, Tensor]]:
+    """[(layer name, weight)] of every generated weight under ``module`` (HyperConv2d layers and
+    hyperized layers), made with one batched call per generator, without autograd."""
+    named = [(n, m) for n, m in module.named_modules() if isinstance(m, (HyperConv2d, TiledWeight))]
+    # a TiledWeight sits at <layer>.parametrizations.<tensor>.0: name the layer's tensor instead
+    names = [n.replace(".parametrizations.", ".").rsplit(".", 1)[0] if isinstance(m, TiledWeight) else n
+             for n, m in named]
+    return list(zip(names, generate_kernels([m for _, m in named])))
 
 
 def generate_kernels(layers: list[HyperConv2d | TiledWeight]) -> list[Tensor]:

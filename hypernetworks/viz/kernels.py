@@ -18,9 +18,14 @@ __all__ = ["kernel_mosaic", "save_kernel_grid"]
 
 
 def kernel_mosaic(weight: Tensor, max_out: int | None = None, max_in: int | None = None, gap: int = 1) -> np.ndarray:
-    """(out, in, f, f) -> 2-d array with NaN gaps; only the first max_out x max_in kernels."""
+    """(out, in, f, f) -> 2-d array with NaN gaps; only the first max_out x max_in kernels.
+    A Conv1d kernel (out, in, k) gives rows of 1 x k cells, a Linear weight (out, in) a plain matrix."""
+    if weight.dim() == 2:
+        return weight.detach().float().cpu()[:max_out, :max_in].numpy()
+    if weight.dim() == 3:
+        weight = weight.unsqueeze(2)
     if weight.dim() != 4:
-        raise ValueError(f"weight must be (out, in, f, f), got shape {tuple(weight.shape)}")
+        raise ValueError(f"weight must be (out, in, f, f), (out, in, k) or (out, in), got shape {tuple(weight.shape)}")
     w = weight.detach().float().cpu()[:max_out, :max_in].numpy()
     o, i, fh, fw = w.shape
     img = np.full((o * (fh + gap) - gap, i * (fw + gap) - gap), np.nan, dtype=np.float32)

@@ -402,3 +402,9 @@ def test_gradcheck_bidirectional_hyper(packed):
         return (out.data if packed else out), *state
 
     assert torch.autograd.gradcheck(fn, (x, *params), fast_mode=True)
+
+
+def test_bad_bidirectional_is_refused():
+    with pytest.raises(ValueError, match="bidirectional"):
+        HyperLSTM(I, H, bidirectional="yes")
+    assert LSTM(I, H, bidirectional=1).bidirectional is True

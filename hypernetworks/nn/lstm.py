@@ -214,8 +214,9 @@ def check_projection(proj_size) -> None:
 def stack_cells(make_cell, input_size: int, hidden_size: int, num_layers: int, bidirectional: bool):
     """One cell per layer (and per direction): layer k > 0 reads the previous layer's output,
     which is ``hidden_size * num_directions`` wide. Returns (forward cells, reverse cells or None)."""
-    if not isinstance(bidirectional, bool):
+    if bidirectional not in (True, False):  # 0 and 1 pass, as for nn.LSTM
         raise ValueError(f"bidirectional must be True or False, got {bidirectional!r}")
+    bidirectional = bool(bidirectional)
     D = 2 if bidirectional else 1
     cells, reverse = [], []
     for k in range(num_layers):

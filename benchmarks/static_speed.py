@@ -8,14 +8,16 @@ One step = forward, cross-entropy, backward, Adam update, on a batch of real CIF
 (so that load from other processes hits all of them alike) and the median step time is reported:
 
 - WRN 40-k: the conventional net;
-- Hyper WRN 40-k: every tile of every generated layer made by one batched generator call per step;
-- Hyper, one call per layer: the same net generating each layer's kernel separately (for reference);
-- materialised: ``materialise(hyper)``, i.e. a plain CNN again (it trains its kernels directly).
+- Hyper WRN 40-k (``hyperize`` of WRN 40-k): every tile of every generated layer made by one
+  batched generator call per step;
+- Hyper, one call per layer: a copy without hyperize's batching hook, so each layer's weight
+  parametrization calls the generator itself (for reference);
+- materialised: ``materialise(hyper)``, i.e. a plain WRN again (it trains its kernels directly).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
+import copy
 import statistics
 import sys
 import time
@@ -26,8 +28,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import hypernetworks.models.wrn as wrn  # noqa: E402
 from hypernetworks import create_model, materialise  # noqa: E402
+from hypernetworks.nn.static import BatchedGeneration  # noqa: E402
 from hypernetworks.data.images import CIFAR10, default_data_root  # noqa: E402
 
 
@@ -43,19 +45,13 @@ def batch(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return ((x - 0.5) / 0.25).to(device), y.to(device)
 
 
-class PerLayer(torch.nn.Module):
-    """Runs a hyper model with batching switched off: each layer calls the generator itself."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        saved, wrn.batched_kernels = wrn.batched_kernels, lambda m: contextlib.nullcontext()
-        try:
-            return self.model(x)
-        finally:
-            wrn.batched_kernels = saved
+def per_layer(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a hyperized model without its batching hook: each layer calls the generator itself."""
+    model = copy.deepcopy(model)
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key in [k for k, h in hooks.items() if isinstance(h, BatchedGeneration)]:
+            del hooks[key]
+    return model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     models = {
         f"WRN 40-{args.width}": create_model(f"wrn-40-{args.width}").to(device),
         f"Hyper WRN 40-{args.width}": hyper,
-        "  (one generator call per layer)": PerLayer(hyper),
+        "  (one generator call per layer)": per_layer(hyper),
         "materialised Hyper WRN": materialise(hyper),
     }
     opts = {k: torch.optim.Adam(m.parameters(), 1e-3) for k, m in models.items()}

@@ -81,20 +81,24 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_models(names, size, device, repeats: int) -> dict[str, float]:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_models(names, size, device, repeats: int, clock: str = "wall") -> dict[str, float]:
     torch.manual_seed(0)
     x = torch.randn(size["seq_len"], size["batch"], size["input_size"], device=device)
     models = {n: build(n, size).to(device) for n in names}
     for m in models.values():  # warm-up: allocator, oneDNN/cuDNN primitive caches
         step(m, x)
     times: dict[str, list[float]] = {n: [] for n in names}
+    now = CLOCKS[clock]
     for _ in range(repeats):
         for n, m in models.items():
             sync(device)
-            t0 = time.perf_counter()
+            t0 = now()
             step(m, x)
             sync(device)
-            times[n].append(time.perf_counter() - t0)
+            times[n].append(now() - t0)
     return {n: statistics.median(v) for n, v in times.items()}
 
 
@@ -154,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", default=None, choices=MODELS, metavar="MODEL",
                    help=f"subset of: {', '.join(MODELS)}")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall (default) or cpu: this process's CPU time, which excludes the time the process "
+                        "waits for a core on a loaded machine (meaningful with --threads 1)")
     p.add_argument("--labml-path", default="/tmp/labml", help="where labml-nn was pip-installed with --target")
     p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -174,12 +181,14 @@ def main(argv: list[str] | None = None) -> int:
         names.insert(0, "torch.nn.LSTM")
     runnable = [n for n in names if n != "labml-nn HyperLSTM" or has_labml]
     repeats = args.repeats or (3 if args.quick else 7)
-    times = time_models(runnable, size, device, repeats)
+    times = time_models(runnable, size, device, repeats, args.clock)
     mems = {n: (None if args.no_memory else peak_memory(n, args)) for n in runnable}
 
     desc = ", ".join(f"{k}={v}" for k, v in size.items())
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"fwd+bwd, {desc}; {where}; torch {torch.__version__}; median of {repeats} interleaved rounds\n")
+    load = f"; load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    print(f"fwd+bwd, {desc}; {where}; torch {torch.__version__}; median of {repeats} interleaved rounds; "
+          f"{args.clock} clock{load}\n")
     print("| model | fwd+bwd time (s) | time / torch.nn.LSTM | peak memory (MiB) | memory / torch.nn.LSTM |")
     print("|---|---:|---:|---:|---:|")
     t0, m0 = times["torch.nn.LSTM"], mems["torch.nn.LSTM"]

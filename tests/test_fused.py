@@ -7,9 +7,21 @@ import pytest
 import torch
 
 from hypernetworks.nn import LSTM, HyperLSTM
-from hypernetworks.nn import _fused
+from hypernetworks.nn import _fused, _kernels
 
 I, H, HH, NZ, T, B = 3, 5, 4, 2, 4, 2
+
+
+@pytest.fixture(autouse=True, params=["kernels", "torch-ops"])
+def step_path(request, monkeypatch):
+    """Every test runs on both fused paths: the compiled step kernels (CPU) and the PyTorch-op
+    implementation (what CUDA and machines without a compiler run)."""
+    if request.param == "kernels":
+        if _kernels.library() is None:
+            pytest.skip(f"compiled kernels unavailable: {_kernels._state.get('why')}")
+    else:
+        monkeypatch.setattr(_kernels, "_state", {"lib": None, "why": "test: PyTorch-op path"})
+    return request.param
 
 
 def make(kind: str, **kw) -> torch.nn.Module:
@@ -186,3 +198,166 @@ def test_float32_fast_products_match_eager(kind):
     x = torch.randn(T, B, I)
     a, b = run(m, x, None, False), run(m, x, None, True)
     assert_same(a, b, tol=1e-4)
+
+
+# -- compiled kernels: sizes that exercise vector remainders and unit blocks ----------------------
+@pytest.mark.parametrize("kind,layer_norm", [("hyper", False), ("hyper", True), ("lstm", True)])
+def test_float32_wider_layers_match_eager(kind, layer_norm):
+    """float32 (the kernels' own exp/tanh) at widths past one vector and one 128-unit block."""
+    torch.manual_seed(8)
+    kw = dict(hyper_size=19, embedding_size=3) if kind == "hyper" else {}
+    m = (HyperLSTM if kind == "hyper" else LSTM)(6, 150, layer_norm=layer_norm, recurrent_dropout=0.2, **kw)
+    x = torch.randn(5, 3, 6)
+
+    def errors(fused):  # float32 run against the float64 eager reference, relative to each tensor's scale
+        torch.manual_seed(9)
+        out, state, grads = run(m.float(), x, None, fused)
+        ref = reference
+        pairs = [(out, ref[0]), *zip(state, ref[1]), *zip(grads, ref[2])]
+        return max(((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-6)).item() for a, b in pairs)
+
+    torch.manual_seed(9)
+    reference = run(m.double(), x.double(), None, False)
+    eager, fused = errors(False), errors(True)
+    assert fused < 1e-5 and fused < 5 * eager + 1e-6, (fused, eager)  # as accurate as eager float32
+
+
+# -- PackedSequence on the fused path -----------------------------------------------------------
+def _packed(lengths, dtype=torch.double):
+    seqs = [torch.randn(n, I, dtype=dtype) for n in lengths]
+    return torch.nn.utils.rnn.pack_sequence(seqs, enforce_sorted=False)
+
+
+def run_packed(m, packed, fused: bool):
+    set_fused(m, fused)
+    m.zero_grad(set_to_none=True)
+    data = packed.data.clone().requires_grad_()
+    inp = torch.nn.utils.rnn.PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+    out, state = m(inp)
+    weights = torch.linspace(-1, 1, out.data.numel(), dtype=out.data.dtype).view_as(out.data)
+    loss = (out.data * weights).sum() + sum((k + 1) * s.pow(2).sum() for k, s in enumerate(state))
+    loss.backward()
+    grads = [data.grad] + [p.grad if p.grad is not None else torch.zeros_like(p) for p in m.parameters()]
+    return out.data, state, grads
+
+
+@pytest.mark.parametrize("kind,layer_norm,dropout", [("hyper", False, False), ("hyper", True, True),
+                                                     ("lstm", False, False), ("lstm", True, True)])
+def test_packed_sequence_fused_equals_eager(kind, layer_norm, dropout, step_path, monkeypatch):
+    """Variable lengths (unsorted, one of length 1) through 2 layers, training mode with recurrent
+    and inter-layer dropout: the fused run with per-step active batch sizes matches the eager loop."""
+    calls = []
+    real = _fused.packed_forward
+    monkeypatch.setattr(_fused, "packed_forward", lambda *a: calls.append(real(*a)) or calls[-1])
+    rd = dict(recurrent_dropout=0.3, dropout=0.2) if dropout else {}
+    torch.manual_seed(10)
+    m = make(kind, num_layers=2, layer_norm=layer_norm, **rd)
+    packed = _packed([3, 5, 1, 5, 2])
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(11)
+        results.append(run_packed(m, packed, fused))
+    assert_same(*results)
+    taken = [c is not None for c in calls[-2:]]  # the fused run's two layers
+    assert taken == [step_path == "kernels"] * 2  # the torch-op path leaves packed input to step
+
+
+def test_gradcheck_packed_hyper_function():
+    """gradcheck of the HyperLSTM Function with per-step batch sizes (layer norm, dropout masks)."""
+    if _kernels.library() is None:
+        pytest.skip("packed batches run on the compiled kernels only")
+    tensors, grad_idx, masks = _hyper_inputs(layer_norm=True, bias=True, dropout=True)
+    inputs = [t.requires_grad_() if t is not None else None for t in tensors]
+
+    def f(*args):
+        full = list(inputs)
+        for k, a in zip(grad_idx, args, strict=True):
+            full[k] = a
+        return _fused._HyperLSTMFunction.apply(*full, *masks, 1e-5, 1e-5, [2, 2, 1, 1])
+
+    assert torch.autograd.gradcheck(f, [inputs[k] for k in grad_idx], eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+# -- one step at a time without autograd (sampling) ------------------------------------------------
+@pytest.mark.parametrize("kind,layer_norm", [("hyper", False), ("hyper", True), ("lstm", False), ("lstm", True)])
+def test_single_steps_without_grad_use_fused_path_and_track_weight_updates(kind, layer_norm, monkeypatch):
+    m = make(kind, num_layers=2, layer_norm=layer_norm).eval()
+    x = torch.randn(6, B, I, dtype=torch.double)
+
+    def generate(fused):
+        set_fused(m, fused)
+        outs, state = [], None
+        with torch.no_grad():
+            for t in range(x.size(0)):
+                out, state = m(x[t:t + 1], state)
+                outs.append(out)
+        return torch.cat(outs), state
+
+    built = []
+    real = _fused._prepared
+    monkeypatch.setattr(_fused, "_prepared", lambda cell, name, params, build: real(
+        cell, name, params, lambda: built.append(name) or build()))
+    eager, fused = generate(False), generate(True)
+    torch.testing.assert_close(fused[0], eager[0], rtol=1e-12, atol=1e-12)
+    # prepared once per layer, not per step (the LN LSTM uses its weights as they are)
+    assert len(built) == (0 if kind == "lstm" and layer_norm else 2)
+    with torch.no_grad():  # an optimizer step changes the weights in place: the cache must follow
+        for p in m.parameters():
+            p.mul_(0.9)
+    torch.testing.assert_close(generate(True)[0], generate(False)[0], rtol=1e-12, atol=1e-12)
+
+
+# -- building the kernels ------------------------------------------------------------------------
+def test_kernel_build_is_cached(tmp_path, monkeypatch):
+    cxx = _kernels._compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    monkeypatch.setenv("HYPERNETWORKS_CACHE", str(tmp_path))
+    first = _kernels._build(cxx)
+    assert first.is_relative_to(tmp_path) and first.exists()
+    compiles = []
+    real_run = _kernels.subprocess.run
+    monkeypatch.setattr(_kernels.subprocess, "run",
+                        lambda cmd, **kw: compiles.append(cmd) if "-shared" in cmd else real_run(cmd, **kw))
+    assert _kernels._build(cxx) == first and not compiles  # the second use loads, no compile
+
+
+def test_no_compiler_means_no_kernels(monkeypatch):
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    assert _kernels._compiler() is None
+    monkeypatch.delenv("CXX")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert _kernels._compiler() is None
+
+
+def test_fallback_without_compiler_warns_once_and_matches(tmp_path, step_path):
+    """A fresh process whose compiler is missing (CXX names a program that does not exist, empty
+    cache): ONE warning, then the PyTorch-op fused path, with the same results as eager."""
+    if step_path != "kernels":
+        pytest.skip("one subprocess is enough")
+    import os
+    import subprocess
+    import sys
+    code = """
+import warnings, torch
+warnings.simplefilter("always")
+from hypernetworks.nn import HyperLSTM
+torch.manual_seed(0)
+m = HyperLSTM(3, 5, hyper_size=4, embedding_size=2, layer_norm=True).double()
+x = torch.randn(4, 2, 3, dtype=torch.double)
+with warnings.catch_warnings(record=True) as caught:
+    fused = [m(x)[0] for _ in range(3)]
+for c in m.cells:
+    c.fused = False
+eager = m(x)[0]
+assert type(fused[0].grad_fn).__name__ == "_HyperLSTMFunctionBackward"
+assert all(torch.allclose(f, eager, rtol=1e-12, atol=1e-12) for f in fused)
+msgs = [str(w.message) for w in caught if "fused CPU kernels unavailable" in str(w.message)]
+print(len(msgs)); print(msgs[0])
+"""
+    env = {**os.environ, "CXX": "/nonexistent/g++", "HYPERNETWORKS_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    count, message = res.stdout.strip().splitlines()[-2:]
+    assert count == "1" and "/nonexistent/g++" in message
+    assert not list(tmp_path.rglob("*.so"))

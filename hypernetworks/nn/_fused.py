@@ -41,11 +41,11 @@ _GATE_PERM = (0, 2, 1, 3)  # i, g, f, o -> torch's i, f, g, o
 
 
 def fused_enabled(cell, x: torch.Tensor) -> bool:
-    """Whether to take the fused path. Single steps (e.g. sampling one symbol at a time) stay on the
-    eager ``step``: the fused path's per-call set-up (concatenated and permuted weights) would cost
-    more than it saves there."""
+    """Whether to take the fused path. Single steps with autograd on stay on the eager ``step``;
+    without autograd (sampling, beam search, serving) they take the fused path too, whose prepared
+    weights are then cached on the cell (``_prepared``), so a step has no per-call weight set-up."""
     return (bool(getattr(cell, "fused", True)) and os.environ.get(ENV_VAR, "1") not in ("0", "false", "False")
-            and x.size(0) > 1 and x.dtype in (torch.float32, torch.float64)
+            and (x.size(0) > 1 or not torch.is_grad_enabled()) and x.dtype in (torch.float32, torch.float64)
             # a cell's non-default switches (z from h_hat_{t-1}, gain-only norms) are eager-only
             and bool(getattr(cell, "fused_supported", True)))
 
@@ -201,6 +201,21 @@ def _dropout_masks(cells_rates, T: int, B: int, like: torch.Tensor):
     return out
 
 
+def _prepared(cell, name: str, params, build):
+    """``build()`` (weights derived from ``params``: concatenated, permuted), cached on the cell
+    while autograd is off and the parameters are unchanged (same storage, same in-place version
+    counter, which optimizer steps and ``load_state_dict`` bump), so that one-step calls in a
+    sampling loop do not rebuild them. With autograd on it is built per call, inside the graph."""
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        return build()
+    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+    cache = cell.__dict__.setdefault("_fused_prepared", {})
+    hit = cache.get(name)
+    if hit is None or hit[0] != key:
+        hit = cache[name] = (key, build())
+    return hit[1]
+
+
 # -- the compiled step kernels (hypernetworks/nn/_kernels) ------------------------------------
 def _kernels_for(like: torch.Tensor):
     """The compiled CPU kernels for tensors like ``like``, or None (CUDA, other dtypes, no compiler):
@@ -276,7 +291,7 @@ def _hyper_forward_kernels(lib, xw, xw_hat, h0, w_cat, w_hat_hh, z_weight, z_bia
     norms, hnorms = _contiguous(norms), _contiguous(hnorms)
     wd_t = d_weight.transpose(-1, -2).contiguous()                # (3, 4, Nz, H): units innermost
     zb = torch.cat([z_bias, z_bias.new_zeros(4 * Nz)])            # z_b has no bias
-    bias = None if bias is None else bias.contiguous()
+    bias = xw.new_zeros(4 * H) if bias is None else bias.contiguous()  # the kernel always adds one
     hpre = xw.new_empty(B, hh_all.size(-1) * 4)
     pre = xw.new_empty(B, 4 * H)
     h = h0
@@ -365,9 +380,6 @@ class _HyperLSTMFunction(torch.autograd.Function):
         hh_all = alloc(T + 1, B, Hh)
         hh_all[0] = hh0
         z_all = alloc(T, B, 3 * n)
-        bd = _block_diagonal(d_weight)
-        d_buf = xw.new_empty(3, B, 4 * H)    # per-step scratch, reused: fresh pages cost a fault each
-        pre_buf = xw.new_empty(B, 4 * H)
         norms, hnorms = (gw, gb, cw, cb), (hgw, hgb, hcw, hcb)
         a_list = []  # h_{t-1} @ [W_h; W_hat_h]^T per step, kept for d(d_h) in backward
         lib = _kernels_for(xw)
@@ -378,6 +390,10 @@ class _HyperLSTMFunction(torch.autograd.Function):
                                    batch_sizes)
         elif batch_sizes is not None:
             raise RuntimeError("packed batches need the compiled kernels (the callers check this)")
+        else:
+            bd = _block_diagonal(d_weight)
+            d_buf = xw.new_empty(3, B, 4 * H)  # per-step scratch, reused: fresh pages cost a fault each
+            pre_buf = xw.new_empty(B, 4 * H)
         h = h0
         for t in range(T if lib is None else 0):
             a = _linear(h, w_cat)                                 # (B, 4H + 4Hh)
@@ -509,7 +525,8 @@ def hyper_lstm_sequence(cell, x: torch.Tensor, state, batch_sizes=None, row_orde
     xw = F.linear(x, cell.weight_ih).contiguous()
     xw_hat = F.linear(x, hyper.weight_ih[:, H:], hyper.bias).contiguous()
     h0, c0, hh0, ch0 = (s.contiguous() for s in state)  # the step kernels read rows by pointer
-    w_cat = torch.cat([cell.weight_hh, hyper.weight_ih[:, :H]], dim=0)
+    w_cat = _prepared(cell, "w_cat", (cell.weight_hh, hyper.weight_ih),
+                      lambda: torch.cat([cell.weight_hh, hyper.weight_ih[:, :H]], dim=0))
     training = cell.training
     rates = [(Hh, hyper.recurrent_dropout if training and hyper.recurrent_dropout > 0 else None),
              (H, cell.recurrent_dropout if training and cell.recurrent_dropout > 0 else None)]
@@ -659,9 +676,14 @@ def _torch_lstm(cell, x, h0, c0):
     def permute(w):
         return w.view(4, H, *w.shape[1:]).index_select(0, perm).reshape(w.shape)
 
-    weights = [permute(cell.weight_ih), permute(cell.weight_hh)]
-    if cell.bias is not None:
-        weights += [permute(cell.bias), torch.zeros_like(cell.bias)]
+    def build():
+        weights = [permute(cell.weight_ih), permute(cell.weight_hh)]
+        if cell.bias is not None:
+            weights += [permute(cell.bias), torch.zeros_like(cell.bias)]
+        return weights
+
+    params = (cell.weight_ih, cell.weight_hh) + ((cell.bias,) if cell.bias is not None else ())
+    weights = _prepared(cell, "torch_lstm", params, build)
     out, hT, cT = torch._VF.lstm(x, (h0.unsqueeze(0), c0.unsqueeze(0)), weights, cell.bias is not None,
                                  1, 0.0, cell.training, False, False)
     return out, (hT[0], cT[0])

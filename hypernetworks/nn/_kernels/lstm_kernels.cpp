@@ -16,8 +16,9 @@ namespace {
 
 inline float exp_fast(float x) {
     // Cephes expf: exp(x) = 2^n * exp(r), |r| <= ln2/2, degree-7 polynomial.
-    x = std::fmin(std::fmax(x, -87.3f), 88.3f);
-    const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+    x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);  // (fmin/fmax would block vectorisation)
+    // n = round(x / ln2) by the 1.5 * 2^23 trick (std::floor does not vectorise with gcc 12 here).
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
@@ -26,9 +27,7 @@ inline float exp_fast(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof scale);
+    const float scale = __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
     return p * scale;
 }
 
@@ -80,11 +79,16 @@ void cell_fwd(int64_t B, int64_t S, const T* pre, int64_t pre_s, const T* add1, 
     for (int64_t b = 0; b < B; ++b) {
         const T* p = pre + b * pre_s;
         T* a = act + b * G;
-        if (add1 || add2) {
-            const T* q1 = add1 ? add1 + b * add1_s : nullptr;
-            const T* q2 = add2 ? add2 + b * add2_s : nullptr;
+        if (add1 && add2) {
+            const T* q1 = add1 + b * add1_s;
+            const T* q2 = add2 + b * add2_s;
 #pragma omp simd
-            for (int64_t j = 0; j < G; ++j) a[j] = p[j] + (q1 ? q1[j] : T(0)) + (q2 ? q2[j] : T(0));
+            for (int64_t j = 0; j < G; ++j) a[j] = p[j] + q1[j] + q2[j];
+            p = a;
+        } else if (add1) {
+            const T* q1 = add1 + b * add1_s;
+#pragma omp simd
+            for (int64_t j = 0; j < G; ++j) a[j] = p[j] + q1[j];
             p = a;
         }
         if (gw) {
@@ -145,8 +149,8 @@ void cell_fwd(int64_t B, int64_t S, const T* pre, int64_t pre_s, const T* add1, 
 // Backward of cell_fwd. dh (+ dh_add) and dc: gradients w.r.t. h and c_next. Writes dpre (the
 // gradient w.r.t. the pre-activations before the gate norm) and dc_prev; accumulates the layer-norm
 // parameter gradients into g_gw, g_gb (4, S), g_cw, g_cb (S). dc may alias dc_prev.
-template <typename T>
-void cell_bwd(int64_t B, int64_t S, const T* dh, const T* dh_add, const T* dc, const T* act,
+template <typename T, bool LNC, bool MASK, bool ADD>
+void cell_bwd_impl(int64_t B, int64_t S, const T* dh, const T* dh_add, const T* dc, const T* act,
               const T* c_prev, const T* c_next, const T* tc, const T* mask, const T* gw, const T* cw,
               const T* gx, const T* grstd, const T* cmean, const T* crstd, T* dpre, int64_t dpre_s,
               T* dc_prev, T* g_gw, T* g_gb, T* g_cw, T* g_cb) {
@@ -164,13 +168,13 @@ void cell_bwd(int64_t B, int64_t S, const T* dh, const T* dh_add, const T* dc, c
         T* dcp = dc_prev + b * S;
         T mean = 0, rstd = 0, m1 = 0, m2 = 0;
         const T* t = cw ? tc + b * S : nullptr;
-        if (cw) {  // layer norm of the cell: the two row means of its backward
+        if (LNC) {  // layer norm of the cell: the two row means of its backward
             mean = cmean[b];
             rstd = crstd[b];
             T s1 = 0, s2 = 0;
 #pragma omp simd reduction(+ : s1, s2)
             for (int64_t j = 0; j < S; ++j) {
-                const T dhj = dha ? dhr[j] + dha[j] : dhr[j];
+                const T dhj = ADD ? dhr[j] + dha[j] : dhr[j];
                 const T dtc = dhj * ao[j] * (T(1) - t[j] * t[j]);
                 const T xhat = (cn[j] - mean) * rstd;
                 const T dx = dtc * cw[j];
@@ -184,19 +188,19 @@ void cell_bwd(int64_t B, int64_t S, const T* dh, const T* dh_add, const T* dc, c
         }
 #pragma omp simd
         for (int64_t j = 0; j < S; ++j) {
-            const T dhj = dha ? dhr[j] + dha[j] : dhr[j];
-            const T tj = cw ? t[j] : tanh_(cn[j]);
+            const T dhj = ADD ? dhr[j] + dha[j] : dhr[j];
+            const T tj = LNC ? t[j] : tanh_(cn[j]);
             const T dtc = dhj * ao[j] * (T(1) - tj * tj);
             T dct;
-            if (cw) {
+            if (LNC) {
                 const T xhat = (cn[j] - mean) * rstd;
                 dct = dcr[j] + (dtc * cw[j] - m1 - xhat * m2) * rstd;
             } else {
                 dct = dcr[j] + dtc;
             }
             const T g = ag[j];
-            const T gm = m ? g * m[j] : g;
-            const T dg = m ? dct * ai[j] * m[j] : dct * ai[j];
+            const T gm = MASK ? g * m[j] : g;
+            const T dg = MASK ? dct * ai[j] * m[j] : dct * ai[j];
             dp[j] = dct * gm * ai[j] * (T(1) - ai[j]);
             dp[S + j] = dg * (T(1) - g * g);
             dp[2 * S + j] = dct * cp[j] * af[j] * (T(1) - af[j]);
@@ -227,16 +231,34 @@ void cell_bwd(int64_t B, int64_t S, const T* dh, const T* dh_add, const T* dc, c
     }
 }
 
+// The options as template parameters: no per-element branches in the vectorised loops.
+template <typename T>
+void cell_bwd(int64_t B, int64_t S, const T* dh, const T* dh_add, const T* dc, const T* act,
+              const T* c_prev, const T* c_next, const T* tc, const T* mask, const T* gw, const T* cw,
+              const T* gx, const T* grstd, const T* cmean, const T* crstd, T* dpre, int64_t dpre_s,
+              T* dc_prev, T* g_gw, T* g_gb, T* g_cw, T* g_cb) {
+#define HN_CASE(LNC, MASK, ADD)                                                                         \
+    if ((cw != nullptr) == LNC && (mask != nullptr) == MASK && (dh_add != nullptr) == ADD)              \
+        return cell_bwd_impl<T, LNC, MASK, ADD>(B, S, dh, dh_add, dc, act, c_prev, c_next, tc, mask, gw, cw, \
+                                                gx, grstd, cmean, crstd, dpre, dpre_s, dc_prev, g_gw, g_gb,  \
+                                                g_cw, g_cb);
+    HN_CASE(false, false, false) HN_CASE(false, false, true) HN_CASE(false, true, false)
+    HN_CASE(false, true, true) HN_CASE(true, false, false) HN_CASE(true, false, true)
+    HN_CASE(true, true, false) HN_CASE(true, true, true)
+#undef HN_CASE
+}
+
 constexpr int64_t JB = 128;  // units per block: the (3, Nz, JB) slice of d_weight stays in L1
 
 // HyperLSTM main pre-activations: d_k = z_k @ W_k per gate (k = h, x, b), then
 //   pre = d_h * a + d_x * xw + d_b (+ bias)
 // a: (B, >= 4H) rows of stride a_s (h_{t-1} @ W_h^T); xw: (B, 4H); z: (B, 3, 4, Nz);
-// wd: (3, 4, Nz, H) (d_weight with its last two axes swapped); pre: (B, 4H).
+// wd: (3, 4, Nz, H) (d_weight with its last two axes swapped); bias: (4H); pre: (B, 4H).
 template <typename T>
 void hyper_pre_fwd(int64_t B, int64_t H, int64_t Nz, const T* a, int64_t a_s, const T* xw, const T* z,
                    const T* wd, const T* bias, T* pre) {
     const int64_t G = 4 * H, n = 4 * Nz;
+    T d0[JB], d1[JB], d2[JB];
     for (int64_t g = 0; g < 4; ++g) {
         for (int64_t j0 = 0; j0 < H; j0 += JB) {
             const int64_t len = (H - j0 < JB) ? H - j0 : JB;
@@ -248,14 +270,24 @@ void hyper_pre_fwd(int64_t B, int64_t H, int64_t Nz, const T* a, int64_t a_s, co
                 T* pr = pre + b * G + off;
 #pragma omp simd
                 for (int64_t j = 0; j < len; ++j) {
-                    T d0 = 0, d1 = 0, d2 = bias ? bias[off + j] : T(0);
-                    for (int64_t q = 0; q < Nz; ++q) {
-                        d0 += zr[q] * wd[((0 * 4 + g) * Nz + q) * H + j0 + j];
-                        d1 += zr[n + q] * wd[((1 * 4 + g) * Nz + q) * H + j0 + j];
-                        d2 += zr[2 * n + q] * wd[((2 * 4 + g) * Nz + q) * H + j0 + j];
-                    }
-                    pr[j] = d2 + ar[j] * d0 + xr[j] * d1;
+                    d0[j] = 0;
+                    d1[j] = 0;
+                    d2[j] = bias[off + j];
                 }
+                for (int64_t q = 0; q < Nz; ++q) {
+                    const T z0 = zr[q], z1 = zr[n + q], z2 = zr[2 * n + q];
+                    const T* w0 = wd + ((0 * 4 + g) * Nz + q) * H + j0;
+                    const T* w1 = wd + ((1 * 4 + g) * Nz + q) * H + j0;
+                    const T* w2 = wd + ((2 * 4 + g) * Nz + q) * H + j0;
+#pragma omp simd
+                    for (int64_t j = 0; j < len; ++j) {
+                        d0[j] += z0 * w0[j];
+                        d1[j] += z1 * w1[j];
+                        d2[j] += z2 * w2[j];
+                    }
+                }
+#pragma omp simd
+                for (int64_t j = 0; j < len; ++j) pr[j] = d2[j] + ar[j] * d0[j] + xr[j] * d1[j];
             }
         }
     }
@@ -268,7 +300,7 @@ void hyper_pre_bwd(int64_t B, int64_t H, int64_t Nz, const T* dpre, const T* a, 
                    const T* z, const T* wd, T* d_a, int64_t da_s, T* d_xw, T* dz, T* g_wd, T* g_bias) {
     const int64_t G = 4 * H, n = 4 * Nz;
     std::memset(dz, 0, sizeof(T) * B * 3 * n);
-    T dd0[JB], dd1[JB];
+    T dd0[JB], dd1[JB], d0[JB], d1[JB];
     for (int64_t g = 0; g < 4; ++g) {
         for (int64_t j0 = 0; j0 < H; j0 += JB) {
             const int64_t len = (H - j0 < JB) ? H - j0 : JB;
@@ -282,13 +314,23 @@ void hyper_pre_bwd(int64_t B, int64_t H, int64_t Nz, const T* dpre, const T* a, 
                 T* dxr = d_xw + b * G + off;
 #pragma omp simd
                 for (int64_t j = 0; j < len; ++j) {
-                    T d0 = 0, d1 = 0;
-                    for (int64_t q = 0; q < Nz; ++q) {
-                        d0 += zr[q] * wd[((0 * 4 + g) * Nz + q) * H + j0 + j];
-                        d1 += zr[n + q] * wd[((1 * 4 + g) * Nz + q) * H + j0 + j];
+                    d0[j] = 0;
+                    d1[j] = 0;
+                }
+                for (int64_t q = 0; q < Nz; ++q) {
+                    const T z0 = zr[q], z1 = zr[n + q];
+                    const T* w0 = wd + ((0 * 4 + g) * Nz + q) * H + j0;
+                    const T* w1 = wd + ((1 * 4 + g) * Nz + q) * H + j0;
+#pragma omp simd
+                    for (int64_t j = 0; j < len; ++j) {
+                        d0[j] += z0 * w0[j];
+                        d1[j] += z1 * w1[j];
                     }
-                    dar[j] = dp[j] * d0;
-                    dxr[j] = dp[j] * d1;
+                }
+#pragma omp simd
+                for (int64_t j = 0; j < len; ++j) {
+                    dar[j] = dp[j] * d0[j];
+                    dxr[j] = dp[j] * d1[j];
                     dd0[j] = dp[j] * ar[j];
                     dd1[j] = dp[j] * xr[j];
                 }

@@ -81,7 +81,7 @@ def verify_archive(file: str | os.PathLike | IO[bytes], name: str | None = None)
             "truncated); refusing to load it")
 
 
-def _torch_load(file: str | os.PathLike | IO[bytes], name: str, map_location: Any) -> dict:
+def _torch_load(file: str | os.PathLike | IO[bytes], name: str, map_location: Any, lightning: bool) -> dict:
     import torch
 
     verify_archive(file, name)
@@ -99,7 +99,7 @@ def _torch_load(file: str | os.PathLike | IO[bytes], name: str, map_location: An
     except _READ_ERRORS as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(f"cannot read checkpoint {name}: {type(e).__name__}: {first}") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+    if not isinstance(ckpt, dict) or (lightning and "state_dict" not in ckpt):
         raise CheckpointError(f"{name} is not a checkpoint of this project (no 'state_dict' entry)")
     return ckpt
 
@@ -108,9 +108,12 @@ def _is_url(path: str) -> bool:
     return re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", path) is not None
 
 
-def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *, timeout: float = 60.0) -> dict:
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *, timeout: float = 60.0,
+                    lightning: bool = True) -> dict:
     """Load a checkpoint dict from a local path, an ``http(s)://`` URL or another fsspec URL, after
-    :func:`verify_archive`, with ``torch.load(weights_only=True)``.
+    :func:`verify_archive`, with ``torch.load(weights_only=True)``. ``lightning=True`` also requires
+    the ``state_dict`` entry of a Lightning checkpoint (``False`` for any dict that ``torch.save`` wrote,
+    such as the weights file Lightning's spawn launcher passes between processes).
 
     Raises ``FileNotFoundError`` for a missing local file and :class:`CheckpointError` (a
     ``ValueError``) for everything else that is wrong with it.
@@ -119,7 +122,7 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *, timeo
     if not _is_url(name):
         if not Path(name).is_file():
             raise FileNotFoundError(f"checkpoint not found: {name}")
-        return _torch_load(name, name, map_location)
+        return _torch_load(name, name, map_location, lightning)
     # Remote: copied to an anonymous temporary file (no cache that a later URL with the same file
     # name could hit), then checked and loaded like a local file.
     with tempfile.TemporaryFile() as tmp:
@@ -137,7 +140,7 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *, timeo
         except (urllib.error.URLError, OSError, ValueError, ImportError) as e:
             raise CheckpointError(f"cannot download checkpoint {name}: {e}") from None
         tmp.seek(0)
-        return _torch_load(tmp, name, map_location)
+        return _torch_load(tmp, name, map_location, lightning)
 
 
 def _trusted(class_path: Any, trusted: Iterable[type]) -> bool:
@@ -160,13 +163,17 @@ def check_settings(value: Any, source: str, trusted: Iterable[type] = (), where:
             if not _trusted(class_path, trusted):
                 raise CheckpointError(
                     f"{source} asks to build {class_path!r} (at {where}), which is not one of the project's task, "
-                    "model or data classes; refusing to build it. If you trust the file and the class, pass the "
-                    "class to load_task(..., trusted_classes=[...])")
+                    "model or data classes; refusing to build it (a class of your own that you trust can be "
+                    "passed to hypernetworks.training.load_task(..., trusted_classes=[...]))")
         for k, v in value.items():
             check_settings(v, source, trusted, f"{where}.{k}")
     elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
             check_settings(v, source, trusted, f"{where}[{i}]")
+    elif isinstance(value, str) and "class_path" in value:
+        # jsonargparse (LightningCLI's parser) parses such a string into a class spec and builds it
+        raise CheckpointError(f"{source} holds a class spec written as a string (at {where}): {value[:80]!r}; "
+                              "refusing to load it")
 
 
 def resolve_trusted_class(class_path: str, trusted: Iterable[type] = (), source: str = "checkpoint") -> type:

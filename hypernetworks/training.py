@@ -17,7 +17,14 @@ Defaults added to every run (all overridable from YAML or the command line):
 * one run directory, ``<runs_root>/<run_name>`` (``runs/<config file stem>``), holding
   ``checkpoints/`` (``last.ckpt`` and the best by the task's ``monitor`` metric), ``csv/`` and ``tb/`` logs;
 * checkpoints written atomically (temporary file in the same folder, then ``os.replace``), so a run
-  killed while saving never leaves a truncated ``last.ckpt``;
+  killed while saving never leaves a truncated ``last.ckpt``; the temporary files of such a killed
+  write are removed when the next run starts (:func:`remove_stale_temporaries`);
+* checkpoints read safely, by ``--ckpt_path`` (local path or URL) and by :func:`load_task` alike: the
+  zip archive's CRCs are checked, nothing is unpickled (``weights_only=True``), and only the project's
+  own task, data and model classes are built from saved settings (:mod:`hypernetworks.checkpoints`);
+* :class:`StopOnNonFinite`: the run stops at the first NaN/inf (or diverged) training loss or
+  non-finite gradient, naming the step, before the update is applied and without writing a
+  checkpoint, and the command exits non-zero; a NaN validation metric is never saved as the best;
 * the task's class path stored in every checkpoint, so :func:`load_task` rebuilds any task;
 * ``seed_everything: 0`` and Lightning's TQDM progress bar.
 
@@ -112,7 +119,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if weights_only is False:
             raise ValueError(f"{type(self).__name__} loads checkpoints with weights_only=True only "
                              "(checkpoints of this project hold tensors and plain values; no pickle)")
-        return read_checkpoint(path, map_location=map_location)
+        return read_checkpoint(path, map_location=map_location, lightning=False)
 
 
 _TMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # tempfile.mkstemp(prefix=".<name>.", suffix=".tmp")
@@ -407,6 +414,20 @@ class HypernetworksCLI(LightningCLI):
 
     def before_predict(self) -> None:
         self._check_data()
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI rebuilds the model settings from a local --ckpt_path file's saved
+        # hyperparameters through jsonargparse, which builds any class spec in them: the file is
+        # checked first like every checkpoint (CRC, no pickle, allow-list; hypernetworks.checkpoints)
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            hparams = dict(read_checkpoint(ckpt_path).get("hyper_parameters") or {})
+            hparams.pop("_instantiator", None)
+            class_path = hparams.pop("_class_path", None)
+            check_settings({"class_path": class_path, "init_args": hparams} if class_path else hparams,
+                           str(ckpt_path), where="model")
+        super()._parse_ckpt_path()
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run_name", type=str | None, default=None,

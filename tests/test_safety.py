@@ -159,14 +159,21 @@ def test_issue_payload_runs_nothing_through_load_task(tmp_path, where):
     marker = tmp_path / "pwned"
     ckpt = _payload_checkpoint(tmp_path / "payload.ckpt", marker, where=where)
     assert isinstance(torch.load(ckpt, weights_only=True), dict)  # it passes torch's own check
-    if where == "string":
-        # a string stays a string: the task is built with model_args={"x": "<that text>"}
-        task = load_task(ckpt)
-        assert isinstance(task.hparams.model_args["x"], str)
-    else:
-        with pytest.raises(ValueError, match=r"payload\.ckpt.*subprocess\.Popen") as err:
-            load_task(ckpt)
-        assert isinstance(err.value, CheckpointError)
+    with pytest.raises(ValueError, match=r"payload\.ckpt.*subprocess\.Popen") as err:
+        load_task(ckpt)
+    assert isinstance(err.value, CheckpointError)
+    assert not _ran(marker)
+
+
+@pytest.mark.parametrize("where", ["dict", "string"])
+def test_issue_payload_runs_nothing_through_fit_ckpt_path(tmp_path, where):
+    """LightningCLI rebuilds the model settings from a local --ckpt_path file through jsonargparse,
+    which built subprocess.Popen from this file before the check (verified by hand)."""
+    marker = tmp_path / "pwned"
+    ckpt = _payload_checkpoint(tmp_path / "payload.ckpt", marker, where=where)
+    with pytest.raises(CheckpointError, match=r"payload\.ckpt.*subprocess\.Popen"):
+        run_cli(["fit", "--config", str(REPO / "configs/pydoc-lstm.yaml"), "--runs_root", str(tmp_path / "runs"),
+                 "--trainer.max_steps", "1", "--trainer.enable_progress_bar", "false", "--ckpt_path", str(ckpt)])
     assert not _ran(marker)
 
 

@@ -308,7 +308,9 @@ def test_single_steps_without_grad_use_fused_path_and_track_weight_updates(kind,
 
 
 # -- building the kernels ------------------------------------------------------------------------
-def test_kernel_build_is_cached(tmp_path, monkeypatch):
+def test_kernel_build_is_cached(tmp_path, monkeypatch, step_path):
+    if step_path != "kernels":
+        pytest.skip("path-independent")
     cxx = _kernels._compiler()
     if cxx is None:
         pytest.skip("no C++ compiler")
@@ -322,7 +324,9 @@ def test_kernel_build_is_cached(tmp_path, monkeypatch):
     assert _kernels._build(cxx) == first and not compiles  # the second use loads, no compile
 
 
-def test_no_compiler_means_no_kernels(monkeypatch):
+def test_no_compiler_means_no_kernels(monkeypatch, step_path):
+    if step_path != "kernels":
+        pytest.skip("path-independent")
     monkeypatch.setenv("CXX", "/nonexistent/g++")
     assert _kernels._compiler() is None
     monkeypatch.delenv("CXX")
@@ -334,7 +338,7 @@ def test_fallback_without_compiler_warns_once_and_matches(tmp_path, step_path):
     """A fresh process whose compiler is missing (CXX names a program that does not exist, empty
     cache): ONE warning, then the PyTorch-op fused path, with the same results as eager."""
     if step_path != "kernels":
-        pytest.skip("one subprocess is enough")
+        pytest.skip("path-independent")
     import os
     import subprocess
     import sys

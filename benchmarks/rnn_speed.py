@@ -36,7 +36,10 @@ if str(ROOT) not in sys.path:
 
 from hypernetworks.nn import LSTM, HyperLSTM  # noqa: E402
 
-MODELS = ("torch.nn.LSTM", "LSTM", "LN LSTM", "HyperLSTM", "LN HyperLSTM", "labml-nn HyperLSTM")
+MODELS = ("torch.nn.LSTM", "LSTM", "LN LSTM", "HyperLSTM", "LN HyperLSTM", "labml-nn HyperLSTM",
+          "HyperLSTM (eager)", "LN HyperLSTM (eager)")
+DEFAULT = MODELS[:6]
+PACKED_DEFAULT = ("torch.nn.LSTM", "HyperLSTM", "HyperLSTM (eager)", "LN HyperLSTM", "LN HyperLSTM (eager)")
 FULL = dict(input_size=50, hidden_size=1000, hyper_size=128, embedding_size=4, seq_len=100, batch=64)
 QUICK = dict(input_size=8, hidden_size=64, hyper_size=16, embedding_size=4, seq_len=20, batch=8)
 
@@ -52,6 +55,11 @@ def labml_available(path: str) -> bool:
 
 
 def build(name: str, size: dict) -> torch.nn.Module:
+    if name.endswith(" (eager)"):  # the per-step reference path, for comparison
+        m = build(name[: -len(" (eager)")], size)
+        for cell in m.cells:
+            cell.fused = False
+        return m
     I, H = size["input_size"], size["hidden_size"]
     hyper = dict(hyper_size=size["hyper_size"], embedding_size=size["embedding_size"])
     if name == "torch.nn.LSTM":
@@ -70,9 +78,22 @@ def build(name: str, size: dict) -> torch.nn.Module:
     raise ValueError(f"unknown model {name!r}")
 
 
-def step(model: torch.nn.Module, x: torch.Tensor) -> None:
+def make_input(size: dict, device: torch.device, packed: bool):
+    """(T, B, I) noise, or with ``packed`` a PackedSequence of B sequences whose lengths are spread
+    uniformly over [T/2, T] (one of length T), e.g. a bucketed batch of sentences."""
+    torch.manual_seed(0)
+    T, B = size["seq_len"], size["batch"]
+    x = torch.randn(T, B, size["input_size"], device=device)
+    if not packed:
+        return x
+    lengths = torch.randint(T // 2, T + 1, (B,))
+    lengths[0] = T
+    return torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+
+
+def step(model: torch.nn.Module, x) -> None:
     out, _ = model(x)
-    out.sum().backward()
+    (out.data if isinstance(out, torch.nn.utils.rnn.PackedSequence) else out).sum().backward()
     model.zero_grad(set_to_none=True)
 
 
@@ -84,9 +105,9 @@ def sync(device: torch.device) -> None:
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def time_models(names, size, device, repeats: int, clock: str = "wall") -> dict[str, float]:
+def time_models(names, size, device, repeats: int, clock: str = "wall", packed: bool = False) -> dict[str, float]:
+    x = make_input(size, device, packed)
     torch.manual_seed(0)
-    x = torch.randn(size["seq_len"], size["batch"], size["input_size"], device=device)
     models = {n: build(n, size).to(device) for n in names}
     for m in models.values():  # warm-up: allocator, oneDNN/cuDNN primitive caches
         step(m, x)
@@ -120,11 +141,13 @@ def _reset_peak_rss() -> None:
         pass
 
 
-def peak_memory_here(name: str, size: dict, device: torch.device) -> int:
+def peak_memory_here(name: str, size: dict, device: torch.device, packed: bool = False) -> int:
     """Bytes of peak memory one forward+backward needs beyond what is resident before it."""
+    x = make_input(size, device, packed)
     torch.manual_seed(0)
-    x = torch.randn(size["seq_len"], size["batch"], size["input_size"], device=device)
     model = build(name, size).to(device)
+    from hypernetworks.nn import _kernels
+    _kernels.library()  # load (or build) the step kernels before the baseline, not during the step
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -141,7 +164,7 @@ def peak_memory_here(name: str, size: dict, device: torch.device) -> int:
 
 def peak_memory(name: str, args) -> int | None:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-of", name, "--device", args.device,
-           "--labml-path", args.labml_path] + (["--quick"] if args.quick else [])
+           "--labml-path", args.labml_path] + (["--quick"] if args.quick else []) + (["--packed"] if args.packed else [])
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if res.returncode != 0:
         print(f"memory measurement of {name} failed:\n{res.stderr[-2000:]}", file=sys.stderr)
@@ -158,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", default=None, choices=MODELS, metavar="MODEL",
                    help=f"subset of: {', '.join(MODELS)}")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--packed", action="store_true",
+                   help="a PackedSequence batch (lengths uniform in [T/2, T]); default models then include the "
+                        "eager per-step path of the hyper cells")
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                    help="wall (default) or cpu: this process's CPU time, which excludes the time the process "
                         "waits for a core on a loaded machine (meaningful with --threads 1)")
@@ -173,18 +199,18 @@ def main(argv: list[str] | None = None) -> int:
     has_labml = labml_available(args.labml_path)
 
     if args.memory_of:
-        print(json.dumps({"peak_bytes": peak_memory_here(args.memory_of, size, device)}))
+        print(json.dumps({"peak_bytes": peak_memory_here(args.memory_of, size, device, args.packed)}))
         return 0
 
-    names = list(args.models or MODELS)
+    names = list(args.models or (PACKED_DEFAULT if args.packed else DEFAULT))
     if "torch.nn.LSTM" not in names:
         names.insert(0, "torch.nn.LSTM")
     runnable = [n for n in names if n != "labml-nn HyperLSTM" or has_labml]
     repeats = args.repeats or (3 if args.quick else 7)
-    times = time_models(runnable, size, device, repeats, args.clock)
+    times = time_models(runnable, size, device, repeats, args.clock, args.packed)
     mems = {n: (None if args.no_memory else peak_memory(n, args)) for n in runnable}
 
-    desc = ", ".join(f"{k}={v}" for k, v in size.items())
+    desc = ", ".join(f"{k}={v}" for k, v in size.items()) + (", PackedSequence (lengths in [T/2, T])" if args.packed else "")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     load = f"; load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     print(f"fwd+bwd, {desc}; {where}; torch {torch.__version__}; median of {repeats} interleaved rounds; "

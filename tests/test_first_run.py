@@ -238,3 +238,44 @@ def test_tests_cannot_download():
 
     with pytest.raises(RuntimeError, match="tried to download"):
         urllib.request.urlopen("https://example.com/data.zip")
+
+
+class LateMissingData(PTBCharDataModule):
+    """A data module whose files go missing only once training has started (after the CLI's check)."""
+
+    def check_data(self) -> None:
+        pass
+
+    run_dir_existed: list[bool] = []
+
+    def setup(self, stage=None):
+        LateMissingData.run_dir_existed.append(Path(self.trainer.default_root_dir).is_dir())
+        data_root_mod.require_files("ptb", [[Path(self.root) / "ptb.char.train.txt"]], explicit=True)
+
+
+def test_a_run_folder_created_before_data_went_missing_is_removed(tmp_path, capsys):
+    recipe = tmp_path / "late.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "trainer": {"max_steps": 1, "accelerator": "cpu", "devices": 1, "enable_model_summary": False},
+        "model": {"class_path": "hypernetworks.tasks.language_model.LanguageModelTask",
+                  "init_args": {"cell": "lstm", "hidden_size": 8}},
+        "data": {"class_path": f"{__name__}.LateMissingData", "init_args": {"root": str(tmp_path / "none")}},
+    }))
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(SystemExit) as info:
+        cli_main(["fit", "--config", str(recipe), "--runs_root", str(tmp_path / "runs")])
+    assert info.value.code == 1
+    assert "not found" in capsys.readouterr().err
+    assert LateMissingData.run_dir_existed == [True]  # Lightning had created it before setup
+    assert list((tmp_path / "runs").iterdir()) == []  # and it is gone
+
+
+def test_an_existing_run_folder_is_kept(tmp_path, capsys):
+    run = tmp_path / "runs" / "ptb-small-hyperlstm"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"kept")
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(REPO / "configs/ptb-small-hyperlstm.yaml"), "--runs_root", str(tmp_path / "runs"),
+                  "--data.init_args.root", str(tmp_path / "none")])
+    assert "given explicitly" in " ".join(capsys.readouterr().err.split())
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == b"kept"

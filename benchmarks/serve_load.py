@@ -41,7 +41,7 @@ def _one(url: str, path: str, body: bytes, timeout: float, barrier: threading.Ba
         out["status"] = resp.status
         out["retry_after"] = resp.getheader("Retry-After")
         if resp.status == 200 and path.endswith("/stream"):
-            while line := resp.fp.readline():  # time to the first streamed steps, then to the end
+            while line := resp.readline():  # time to the first streamed steps, then to the end
                 if line.startswith(b"event: steps") and "first_step_s" not in out:
                     out["first_step_s"] = time.perf_counter() - t0
                 elif line.startswith(b"event: error"):

@@ -134,7 +134,7 @@ def read_events(resp):
     """Parse a text/event-stream response as it arrives: yields (event, data)."""
     name, data = "message", []
     while True:
-        line = resp.fp.readline()
+        line = resp.readline()
         if not line:
             return
         line = line.decode().rstrip("\r\n")

@@ -232,6 +232,11 @@ def test_registered_models_and_matched_tiny_budgets():
     totals = {n: parameter_report(create_model(n))["total"]
               for n in ("hypernet-vit-tiny-p4", "fixed-vit-tiny-p4", "channelvit-tiny-p4")}
     assert max(totals.values()) / min(totals.values()) < 1.10, totals  # the comparison's "same budget"
+    eight = [f"c{i}" for i in range(8)]
+    with torch.device("meta"):
+        big = {n: parameter_report(create_model(n, channels=eight, num_classes=161))["total"]
+               for n in ("hypernet-vit-s16", "fixed-vit-s16", "channelvit-s16")}
+    assert max(big.values()) / min(big.values()) < 1.05, big
     m = create_model("hypernet-vit-tiny-p4", channels=["a", "b"], num_classes=5)
     assert m(torch.randn(2, 1, 32, 32), ["b"]).shape == (2, 5)
     with torch.device("meta"):

@@ -195,8 +195,10 @@ _STEM_PREFIX = {"hyper": "hypernet-vit", "fixed": "fixed-vit", "channelvit": "ch
 def _make_factory(stem: str, size: str):
     def factory(**overrides) -> ChannelAdaptiveViT:
         kwargs = {**_SIZES[size], "stem": stem, **overrides}
-        if stem == "hyper" and size == "tiny-p4":
-            # A small generator hidden size keeps the tiny model at the baselines' parameter count.
+        if stem == "hyper":
+            # Generator hidden size d = 8: the generator's output layer (d x D p^2) then stays
+            # near the size of an 8-channel patch projection, so the HyperNet ViT matches the
+            # baselines' parameter count (d = N_z = 32 would add ~3M at ViT-S/16).
             kwargs.setdefault("hidden_size", 8)
         return ChannelAdaptiveViT(**kwargs)
 

@@ -408,3 +408,22 @@ def test_bad_bidirectional_is_refused():
     with pytest.raises(ValueError, match="bidirectional"):
         HyperLSTM(I, H, bidirectional="yes")
     assert LSTM(I, H, bidirectional=1).bidirectional is True
+
+
+def test_bidirectional_packed_takes_the_per_direction_packed_path_and_agrees_with_eager(monkeypatch):
+    torch.manual_seed(8)
+    m = perturb_(hyper(I, H, 2, bidirectional=True, layer_norm=True)).double()
+    seqs = [torch.randn(n, I, dtype=torch.double) for n in (3, 5, 2)]
+    calls = []
+    real = _fused.packed_forward
+    monkeypatch.setattr(_fused, "packed_forward", lambda *a: calls.append(real(*a) is not None) or real(*a))
+    out, state = m(pack_sequence(seqs, enforce_sorted=False))
+    assert len(calls) == 4  # both directions of both layers go through the same per-direction run
+    kernels = getattr(_fused, "_kernels_for", lambda x: None)(seqs[0])
+    assert all(calls) or kernels is None  # fused wherever this machine has the fused kernels
+    for cell in [*m.cells, *m.cells_reverse]:
+        cell.fused = False
+    out2, state2 = m(pack_sequence(seqs, enforce_sorted=False))
+    torch.testing.assert_close(out.data, out2.data)
+    for a, b in zip(state, state2):
+        torch.testing.assert_close(a, b)

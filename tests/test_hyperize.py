@@ -278,7 +278,8 @@ def test_init_options_and_counts_on_the_meta_device():
     m = hyperize(model)
     assert abs(m[2].weight.std().item() / model[2].weight.std().item() - 1) < 0.01
     with torch.device("meta"):
-        meta = hyperize(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32)), embedding_size=4)
+        meta = hyperize(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32)), embedding_size=4,
+                        init="kaiming")
     r = parameter_report(meta)
     g = 4 * 16 * 4 + 16 * 4 + 4 * 16 + 16  # N_z N_in d + N_in d + d N_out + N_out (a linear tile)
     assert r["generator"] == g and r["embeddings"] == 4 * (4 * 2 + 2 * 2) and r["generated"] == 64 * 32 + 32 * 32
@@ -291,3 +292,14 @@ def test_hyperconv2d_refuses_an_embedding_size_that_is_not_its_generators():
         HyperConv2d(16, 16, 3, g, embedding_size=4)
     assert HyperConv2d(16, 16, 3, g, embedding_size=8).z.shape == (1, 1, 8)  # the same size is fine
     assert HyperConv2d(16, 16, 3, embedding_size=5).z.shape[-1] == 5  # standalone: it sets its generator's
+
+
+def test_a_single_layer_can_be_the_model():
+    torch.manual_seed(0)
+    layer = nn.Linear(32, 16)
+    hyper = hyperize(layer, embedding_size=4)
+    assert hyper.hyperize_report.generated == ["weight"]
+    plain = materialise(hyper)
+    assert type(plain) is nn.Linear and not plain._forward_pre_hooks
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(plain(x), hyper(x))

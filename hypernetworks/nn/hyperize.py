@@ -73,6 +73,10 @@ class HyperizeReport:
     __repr__ = __str__
 
 
+def _qual(module_name: str, param: str) -> str:
+    return f"{module_name}.{param}" if module_name else param
+
+
 def _tile_key(shape: tuple[int, ...]) -> str:
     return "x".join(map(str, shape))
 
@@ -121,8 +125,10 @@ def _misfit(m: nn.Module, weight: torch.Tensor, tile: tuple[int, int]) -> str | 
 
 
 def _target_std(init, weight: torch.Tensor) -> float | None:
+    if weight.is_meta:  # shapes only (e.g. parameter counts): nothing to initialise
+        return None
     if init == "match":
-        return None if weight.is_meta else float(weight.detach().float().std())
+        return float(weight.detach().float().std())
     if init == "kaiming":  # Kaiming normal, fan-in, ReLU gain
         return math.sqrt(2.0 / math.prod(weight.shape[1:]))
     if init == "generator":
@@ -182,7 +188,7 @@ def hyperize(model: nn.Module, layers: LayerSpec = None, *, tile_size: int | tup
         if name.startswith("parametrizations.") or ".parametrizations." in name:
             continue  # the insides of existing parametrizations (their layer is reported)
         if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
-            entries.append(LayerEntry(f"{name}.weight" if name else "weight", type(m).__name__, (), False,
+            entries.append(LayerEntry(_qual(name, "weight"), type(m).__name__, (), False,
                                       "a lazy layer whose shape is not known yet (run one forward first)"))
             continue
         own = [(pn, p) for pn, p in m.named_parameters(recurse=False) if p.dim() >= 2]
@@ -198,17 +204,17 @@ def hyperize(model: nn.Module, layers: LayerSpec = None, *, tile_size: int | tup
             own = [(pn, p) for pn, p in own if pn != "weight"]
             w = m.weight
             if not select(name, m):
-                entries.append(LayerEntry(f"{name}.weight", type(m).__name__, tuple(w.shape), False, "not selected"))
+                entries.append(LayerEntry(_qual(name, "weight"), type(m).__name__, tuple(w.shape), False, "not selected"))
             elif (misfit := _misfit(m, w, tile)) is not None:
                 if strict:
                     raise ValueError(f"hyperize: layer {name!r} ({type(m).__name__}, weight {tuple(w.shape)}) cannot "
                                      f"be made of {tile[0]}x{tile[1]} tiles: {misfit}")
-                entries.append(LayerEntry(f"{name}.weight", type(m).__name__, tuple(w.shape), False, misfit))
+                entries.append(LayerEntry(_qual(name, "weight"), type(m).__name__, tuple(w.shape), False, misfit))
             else:
                 chosen.append((name, m))
-                entries.append(LayerEntry(f"{name}.weight", type(m).__name__, tuple(w.shape), True, ""))
+                entries.append(LayerEntry(_qual(name, "weight"), type(m).__name__, tuple(w.shape), True, ""))
         for pn, p in own:  # other weight matrices stay ordinary: say so
-            entries.append(LayerEntry(f"{name}.{pn}" if name else pn, kind, tuple(p.shape), False, why))
+            entries.append(LayerEntry(_qual(name, pn), kind, tuple(p.shape), False, why))
     if isinstance(layers, (str, list)):  # a pattern that matches no layer is a typo: say so
         names = [n for n, _ in model.named_modules()]
         missing = [p for p in ([layers] if isinstance(layers, str) else layers)
@@ -239,7 +245,7 @@ def hyperize(model: nn.Module, layers: LayerSpec = None, *, tile_size: int | tup
         tiled.append(t)
     for e in entries:
         if e.generated:
-            t = tiled[[f"{n}.weight" for n, _ in chosen].index(e.name)]
+            t = tiled[[_qual(n, "weight") for n, _ in chosen].index(e.name)]
             key = next(k for k, g in generators.items() if g is t.generator)
             e.detail = f"{t.out_tiles}x{t.in_tiles} tiles of {key}"
 

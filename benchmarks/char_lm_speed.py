@@ -10,6 +10,7 @@ step time of each is reported.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -38,7 +39,11 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall (default) or cpu: this process's CPU time, which excludes the time it waits for a "
+                        "core on a loaded machine (meaningful with --threads 1)")
     args = p.parse_args(argv)
+    now = time.perf_counter if args.clock == "wall" else time.process_time
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -67,16 +72,17 @@ def main(argv=None) -> int:
         for cell in CELLS:
             if dev.type == "cuda":
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0 = now()
             step(cell)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
-            setups[cell][3].append(time.perf_counter() - t0)
+            setups[cell][3].append(now() - t0)
     chars = args.batch_size * args.seq_len
     base = statistics.median(setups["lstm"][3])
     print(f"char LM training throughput: hidden {args.hidden_size}, hyper {args.hyper_size}, N_z {args.embedding_size}, "
           f"vocab {args.vocab_size}, batch {args.batch_size} x seq {args.seq_len}, {args.rounds} rounds, "
-          f"{torch.get_num_threads()} thread(s), {args.device}, torch {torch.__version__}, {platform.processor() or platform.machine()}")
+          f"{torch.get_num_threads()} thread(s), {args.device}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{args.clock} clock, load average {os.getloadavg()[0]:.1f}")
     print()
     print("| cell | params | step (ms, median) | chars/s | time vs LSTM |")
     print("|---|---|---|---|---|")

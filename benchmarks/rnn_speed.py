@@ -34,10 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from hypernetworks.nn import LSTM, HyperLSTM  # noqa: E402
+from hypernetworks.nn import LSTM, HyperLSTM, _kernels  # noqa: E402
 
 MODELS = ("torch.nn.LSTM", "LSTM", "LN LSTM", "HyperLSTM", "LN HyperLSTM", "labml-nn HyperLSTM",
-          "HyperLSTM (eager)", "LN HyperLSTM (eager)")
+          "HyperLSTM (eager)", "LN HyperLSTM (eager)", "LN LSTM (torch ops)", "HyperLSTM (torch ops)",
+          "LN HyperLSTM (torch ops)")
 DEFAULT = MODELS[:6]
 PACKED_DEFAULT = ("torch.nn.LSTM", "HyperLSTM", "HyperLSTM (eager)", "LN HyperLSTM", "LN HyperLSTM (eager)")
 FULL = dict(input_size=50, hidden_size=1000, hyper_size=128, embedding_size=4, seq_len=100, batch=64)
@@ -55,6 +56,10 @@ def labml_available(path: str) -> bool:
 
 
 def build(name: str, size: dict) -> torch.nn.Module:
+    if name.endswith(" (torch ops)"):  # the fused path without the compiled step kernels (as on CUDA)
+        m = build(name[: -len(" (torch ops)")], size)
+        m.without_kernels = True
+        return m
     if name.endswith(" (eager)"):  # the per-step reference path, for comparison
         m = build(name[: -len(" (eager)")], size)
         for cell in m.cells:
@@ -92,8 +97,15 @@ def make_input(size: dict, device: torch.device, packed: bool):
 
 
 def step(model: torch.nn.Module, x) -> None:
-    out, _ = model(x)
-    (out.data if isinstance(out, torch.nn.utils.rnn.PackedSequence) else out).sum().backward()
+    saved = dict(_kernels._state)
+    if getattr(model, "without_kernels", False):
+        _kernels._state.update(lib=None, why="benchmark row without kernels")
+    try:
+        out, _ = model(x)
+        (out.data if isinstance(out, torch.nn.utils.rnn.PackedSequence) else out).sum().backward()
+    finally:
+        _kernels._state.clear()
+        _kernels._state.update(saved)
     model.zero_grad(set_to_none=True)
 
 
@@ -146,7 +158,6 @@ def peak_memory_here(name: str, size: dict, device: torch.device, packed: bool =
     x = make_input(size, device, packed)
     torch.manual_seed(0)
     model = build(name, size).to(device)
-    from hypernetworks.nn import _kernels
     _kernels.library()  # load (or build) the step kernels before the baseline, not during the step
     gc.collect()
     if device.type == "cuda":

@@ -31,6 +31,7 @@ def _usage() -> str:
     lines += [f"  {c}" for c in LIGHTNING_SUBCOMMANDS]
     lines += ["", "other commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "datasets are read from $HYPERNETWORKS_DATA, else ~/.local/share/hypernetworks (see README)"]
     return "\n".join(lines)
 
 

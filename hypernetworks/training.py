@@ -535,7 +535,10 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> HypernetworksCLI
             trainer_defaults={"enable_progress_bar": interactive()},
         )
     except DataNotFoundError as e:
-        print(f"{prog}: {e}", file=sys.stderr)
+        import textwrap
+
+        print(textwrap.fill(f"{prog}: {' '.join(str(e).split())}", width=100, break_long_words=False,
+                            break_on_hyphens=False), file=sys.stderr)
         raise SystemExit(1) from None
     finally:
         sys.argv = saved

@@ -106,6 +106,13 @@ def _describe_root(explicit: bool, option: str) -> str:
     return f"The data folder is {data_root()} ({where})."
 
 
+def _names(group: Sequence[Path]) -> str:
+    names = [Path(p).name for p in group]
+    if len(names) == 2 and names[1] == names[0] + ".gz":
+        return f"{names[0]}[.gz]"
+    return " or ".join(names)
+
+
 def require_files(dataset: str, candidates: Sequence[Sequence[Path]], *, explicit: bool,
                   option: str = "root", download: bool = False) -> None:
     """Raise :class:`DataNotFoundError` unless, for every group in ``candidates``, one of its paths
@@ -117,7 +124,7 @@ def require_files(dataset: str, candidates: Sequence[Sequence[Path]], *, explici
     missing = [group for group in candidates if not any(Path(p).exists() for p in group)]
     if not missing:
         return
-    names = ", ".join(" or ".join(Path(p).name for p in group) for group in missing)
+    names = ", ".join(_names(group) for group in missing)
     folders = sorted({str(Path(group[0]).parent) for group in missing})
     sentences = [
         f"{info.title} not found: no {names} in {' or '.join(folders)}.",

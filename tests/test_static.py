@@ -266,3 +266,47 @@ def test_kernel_mosaic_layout():
         kernel_mosaic(torch.zeros(3))
     np.testing.assert_array_equal(kernel_mosaic(w[:, :, 0, 0]), w[:, :, 0, 0].numpy())  # a Linear weight
     assert kernel_mosaic(w[:, :, 0]).shape == (2 * 2 - 1, 3 * 3 - 1)  # Conv1d: 1 x k cells
+
+
+def test_state_dicts_of_the_earlier_hyperconv2d_models_still_load():
+    """mnist-hyper and hyper-wrn-40-k were built from HyperConv2d layers and a ``generator``
+    attribute before they were made with hyperize; their checkpoints load into the new models."""
+    torch.manual_seed(0)
+
+    class EarlierMNIST(nn.Module):  # the earlier mnist-hyper's layout
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 16, 7, padding=3)
+            self.generator = KernelGenerator(4, 16, 16, 7)
+            self.conv2 = HyperConv2d(16, 16, 7, self.generator, padding=3, bias=True)
+            self.fc = nn.Linear(784, 10)
+
+        def forward(self, x):
+            x = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
+            x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
+            return self.fc(x.flatten(1))
+
+    old = EarlierMNIST()
+    for p in old.generator.parameters():
+        nn.init.normal_(p, std=0.1)
+    new = create_model("mnist-hyper")
+    new.load_state_dict(old.state_dict(), strict=True)
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(new(x), old(x))
+    plain = materialise(new)  # the renaming hook is for the hypernetwork only
+    assert not plain._load_state_dict_pre_hooks
+    create_model("mnist-conv").load_state_dict(plain.state_dict(), strict=True)
+    # hyper-wrn: every 3x3 residual conv's z and the shared generator
+    wrn = create_model("hyper-wrn-40-1")
+    sd = {k: v.clone() for k, v in wrn.state_dict().items()}
+    earlier = {}
+    for k, v in sd.items():
+        if ".parametrizations.weight.0.own_generator." in k:
+            earlier["generator." + k.rsplit(".", 1)[1]] = v + 1
+        elif k.endswith(".parametrizations.weight.0.z"):
+            earlier[k.replace(".parametrizations.weight.0.z", ".z")] = v + 1
+        else:
+            earlier[k] = v
+    wrn.load_state_dict(earlier, strict=True)
+    assert torch.equal(wrn.block3[5].conv2.parametrizations.weight[0].z, earlier["block3.5.conv2.z"])
+    assert torch.equal(wrn.block1[0].conv1.parametrizations.weight[0].own_generator.w_in, earlier["generator.w_in"])

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hypernetworks.models.registry import register_model
-from hypernetworks.nn.hyperize import hyperize
+from hypernetworks.nn.hyperize import accept_hyperconv2d_state_dicts, hyperize
 
 
 class MNISTConvNet(nn.Module):
@@ -47,5 +47,6 @@ def mnist_conv(**overrides) -> MNISTConvNet:
 def mnist_hyper(embedding_size: int = 4, **overrides) -> MNISTConvNet:
     """The second layer's whole kernel is one basic tile of the generator (channels x channels x f x f)."""
     net = MNISTConvNet(**overrides)
-    return hyperize(net, layers="conv2", tile_size=net.conv2.out_channels, embedding_size=embedding_size,
-                    inplace=True)
+    model = hyperize(net, layers="conv2", tile_size=net.conv2.out_channels, embedding_size=embedding_size,
+                     inplace=True)
+    return accept_hyperconv2d_state_dicts(model)  # checkpoints of the earlier HyperConv2d-based model load too

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hypernetworks.models.registry import register_model
-from hypernetworks.nn.hyperize import hyperize
+from hypernetworks.nn.hyperize import accept_hyperconv2d_state_dicts, hyperize
 
 
 class BasicBlock(nn.Module):
@@ -84,8 +84,9 @@ def hyper_wide_resnet(depth: int = 40, width: int = 2, embedding_size: int = 64,
     """``hyperize`` of WideResNet(depth, width, **overrides): 3x3 residual convs from base x base x 3x3 tiles.
     ``init="generator"`` gives the earlier start (every layer at the std of one 16x16 tile's Kaiming
     init, e.g. 0.118 where a 128->128 layer's own is 0.042), kept for the comparison in docs/static.md."""
-    return hyperize(WideResNet(depth, width, **overrides), layers=_residual_3x3, tile_size=base,
-                    embedding_size=embedding_size, init=init, inplace=True)
+    model = hyperize(WideResNet(depth, width, **overrides), layers=_residual_3x3, tile_size=base,
+                     embedding_size=embedding_size, init=init, inplace=True)
+    return accept_hyperconv2d_state_dicts(model)  # checkpoints of the earlier HyperConv2d-based model load too
 
 
 def _register(depth: int, width: int) -> None:

@@ -27,7 +27,7 @@ from torch.nn.utils import parametrize
 
 from hypernetworks.nn.static import BatchedGeneration, KernelGenerator, TiledWeight, generate_kernels
 
-__all__ = ["hyperize", "HyperizeReport", "SUPPORTED_LAYERS"]
+__all__ = ["hyperize", "HyperizeReport", "SUPPORTED_LAYERS", "accept_hyperconv2d_state_dicts"]
 
 #: Layer types whose ``weight`` hyperize can generate: (out, in[/groups], *kernel) weights.
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -261,3 +261,34 @@ def hyperize(model: nn.Module, layers: LayerSpec = None, *, tile_size: int | tup
     model.register_forward_hook(hook, always_call=True)
     model.hyperize_report = HyperizeReport(entries, generators)
     return model
+
+
+def accept_hyperconv2d_state_dicts(model: nn.Module, generator_name: str = "generator") -> nn.Module:
+    """Let a hyperized ``model`` load state_dicts saved by the same architecture built from
+    HyperConv2d layers and a shared generator registered as ``generator_name`` (this project's
+    MNIST and WRN models before they were made with hyperize): ``<layer>.z`` and
+    ``<generator_name>.<p>`` are renamed to this model's keys before loading. Returns ``model``."""
+    owner = next((n for n, m in model.named_modules() if isinstance(m, TiledWeight) and hasattr(m, "own_generator")),
+                 None)
+    if owner is None or len({id(t.generator) for t in model.modules() if isinstance(t, TiledWeight)}) != 1:
+        raise ValueError("accept_hyperconv2d_state_dicts needs a model hyperized with one shared generator")
+    layers = {n.split(".parametrizations.")[0]: n for n, m in model.named_modules() if isinstance(m, TiledWeight)}
+    model.register_load_state_dict_pre_hook(_HyperConv2dKeys(layers, f"{owner}.own_generator", generator_name))
+    return model
+
+
+class _HyperConv2dKeys:
+    """load_state_dict pre-hook of accept_hyperconv2d_state_dicts (names only: deep copies stay right)."""
+
+    hyperize_only = True  # materialise drops it: the plain model has no such keys
+
+    def __init__(self, layers: dict[str, str], generator: str, old_generator: str) -> None:
+        self.layers, self.generator, self.old_generator = layers, generator, old_generator
+
+    def __call__(self, module, state_dict, prefix, *args) -> None:
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            layer, _, leaf = key[len(prefix):].rpartition(".")
+            if leaf == "z" and layer in self.layers:
+                state_dict[f"{prefix}{self.layers[layer]}.z"] = state_dict.pop(key)
+            elif layer == self.old_generator:
+                state_dict[f"{prefix}{self.generator}.{leaf}"] = state_dict.pop(key)

@@ -387,6 +387,10 @@ def materialise(module: nn.Module) -> nn.Module:
             for key in [k for k, h in hooks.items() if isinstance(h, BatchedGeneration)]:
                 del hooks[key]
                 mod._forward_hooks_always_called.pop(key, None)
+    for mod in plain.modules():  # load_state_dict pre-hooks that only make sense for the hypernetwork
+        for key in [k for k, h in mod._load_state_dict_pre_hooks.items()
+                    if getattr(getattr(h, "hook", h), "hyperize_only", False)]:
+            del mod._load_state_dict_pre_hooks[key]
     plain.__dict__.pop("hyperize_report", None)
     for name in [n for n, m in plain.named_modules() if isinstance(m, KernelGenerator)]:
         if name and _has_submodule(plain, name):

@@ -203,16 +203,17 @@ def hyperize(model: nn.Module, layers: LayerSpec = None, *, tile_size: int | tup
         if supported:
             own = [(pn, p) for pn, p in own if pn != "weight"]
             w = m.weight
+            row = (_qual(name, "weight"), type(m).__name__, tuple(w.shape))
             if not select(name, m):
-                entries.append(LayerEntry(_qual(name, "weight"), type(m).__name__, tuple(w.shape), False, "not selected"))
+                entries.append(LayerEntry(*row, False, "not selected"))
             elif (misfit := _misfit(m, w, tile)) is not None:
                 if strict:
                     raise ValueError(f"hyperize: layer {name!r} ({type(m).__name__}, weight {tuple(w.shape)}) cannot "
                                      f"be made of {tile[0]}x{tile[1]} tiles: {misfit}")
-                entries.append(LayerEntry(_qual(name, "weight"), type(m).__name__, tuple(w.shape), False, misfit))
+                entries.append(LayerEntry(*row, False, misfit))
             else:
                 chosen.append((name, m))
-                entries.append(LayerEntry(_qual(name, "weight"), type(m).__name__, tuple(w.shape), True, ""))
+                entries.append(LayerEntry(*row, True, ""))
         for pn, p in own:  # other weight matrices stay ordinary: say so
             entries.append(LayerEntry(_qual(name, pn), kind, tuple(p.shape), False, why))
     if isinstance(layers, (str, list)):  # a pattern that matches no layer is a typo: say so

@@ -298,60 +298,83 @@ void hyper_pre_fwd(int64_t B, int64_t H, int64_t Nz, const T* a, int64_t a_s, co
 template <typename T>
 void hyper_pre_bwd(int64_t B, int64_t H, int64_t Nz, const T* dpre, const T* a, int64_t a_s, const T* xw,
                    const T* z, const T* wd, T* d_a, int64_t da_s, T* d_xw, T* dz, T* g_wd, T* g_bias) {
+    // Rows go in groups of RB so that each g_wd element is loaded and stored once per group, not
+    // once per row (this loop is bound by those loads and stores).
+    constexpr int64_t RB = 4;
     const int64_t G = 4 * H, n = 4 * Nz;
     std::memset(dz, 0, sizeof(T) * B * 3 * n);
-    T dd0[JB], dd1[JB], d0[JB], d1[JB];
+    T dd[3][RB][JB], d0[JB], d1[JB];
     for (int64_t g = 0; g < 4; ++g) {
         for (int64_t j0 = 0; j0 < H; j0 += JB) {
             const int64_t len = (H - j0 < JB) ? H - j0 : JB;
             const int64_t off = g * H + j0;
-            for (int64_t b = 0; b < B; ++b) {
-                const T* zr = z + b * 3 * n + g * Nz;
-                const T* dp = dpre + b * G + off;
-                const T* ar = a + b * a_s + off;
-                const T* xr = xw + b * G + off;
-                T* dar = d_a + b * da_s + off;
-                T* dxr = d_xw + b * G + off;
-#pragma omp simd
-                for (int64_t j = 0; j < len; ++j) {
-                    d0[j] = 0;
-                    d1[j] = 0;
-                }
-                for (int64_t q = 0; q < Nz; ++q) {
-                    const T z0 = zr[q], z1 = zr[n + q];
-                    const T* w0 = wd + ((0 * 4 + g) * Nz + q) * H + j0;
-                    const T* w1 = wd + ((1 * 4 + g) * Nz + q) * H + j0;
+            for (int64_t b0 = 0; b0 < B; b0 += RB) {
+                const int64_t rb = (B - b0 < RB) ? B - b0 : RB;
+                for (int64_t r = 0; r < RB; ++r) {
+                    if (r >= rb) {  // missing rows of the last group contribute zeros
+                        for (int64_t k = 0; k < 3; ++k)
+                            for (int64_t j = 0; j < len; ++j) dd[k][r][j] = 0;
+                        continue;
+                    }
+                    const int64_t b = b0 + r;
+                    const T* dp = dpre + b * G + off;
+                    const T* ar = a + b * a_s + off;
+                    const T* xr = xw + b * G + off;
+                    T* dar = d_a + b * da_s + off;
+                    T* dxr = d_xw + b * G + off;
 #pragma omp simd
                     for (int64_t j = 0; j < len; ++j) {
-                        d0[j] += z0 * w0[j];
-                        d1[j] += z1 * w1[j];
+                        d0[j] = 0;
+                        d1[j] = 0;
+                    }
+                    for (int64_t q = 0; q < Nz; ++q) {
+                        const T z0 = z[b * 3 * n + g * Nz + q], z1 = z[b * 3 * n + n + g * Nz + q];
+                        const T* w0 = wd + ((0 * 4 + g) * Nz + q) * H + j0;
+                        const T* w1 = wd + ((1 * 4 + g) * Nz + q) * H + j0;
+#pragma omp simd
+                        for (int64_t j = 0; j < len; ++j) {
+                            d0[j] += z0 * w0[j];
+                            d1[j] += z1 * w1[j];
+                        }
+                    }
+                    T* e0 = dd[0][r];
+                    T* e1 = dd[1][r];
+                    T* e2 = dd[2][r];
+#pragma omp simd
+                    for (int64_t j = 0; j < len; ++j) {
+                        dar[j] = dp[j] * d0[j];
+                        dxr[j] = dp[j] * d1[j];
+                        e0[j] = dp[j] * ar[j];
+                        e1[j] = dp[j] * xr[j];
+                        e2[j] = dp[j];
+                    }
+                    if (g_bias) {
+#pragma omp simd
+                        for (int64_t j = 0; j < len; ++j) g_bias[off + j] += dp[j];
                     }
                 }
-#pragma omp simd
-                for (int64_t j = 0; j < len; ++j) {
-                    dar[j] = dp[j] * d0[j];
-                    dxr[j] = dp[j] * d1[j];
-                    dd0[j] = dp[j] * ar[j];
-                    dd1[j] = dp[j] * xr[j];
-                }
-                if (g_bias) {
-#pragma omp simd
-                    for (int64_t j = 0; j < len; ++j) g_bias[off + j] += dp[j];
-                }
-                T* dzr = dz + b * 3 * n + g * Nz;
                 for (int64_t k = 0; k < 3; ++k) {
-                    const T* dd = k == 0 ? dd0 : (k == 1 ? dd1 : dp);
                     for (int64_t q = 0; q < Nz; ++q) {
                         const T* w = wd + ((k * 4 + g) * Nz + q) * H + j0;
                         T* gwq = g_wd + ((k * 4 + g) * Nz + q) * H + j0;
-                        const T zq = zr[k * n + q];
-                        T s = 0;
-#pragma omp simd reduction(+ : s)
+                        const T *x0 = dd[k][0], *x1 = dd[k][1], *x2 = dd[k][2], *x3 = dd[k][3];
+                        const T* zq = z + b0 * 3 * n + k * n + g * Nz + q;  // row r at zq[r * 3 * n]
+                        const T z0 = zq[0];
+                        const T z1 = rb > 1 ? zq[3 * n] : T(0);
+                        const T z2 = rb > 2 ? zq[6 * n] : T(0);
+                        const T z3 = rb > 3 ? zq[9 * n] : T(0);
+                        T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
                         for (int64_t j = 0; j < len; ++j) {
-                            s += dd[j] * w[j];
-                            gwq[j] += zq * dd[j];
+                            const T wj = w[j];
+                            s0 += x0[j] * wj;
+                            s1 += x1[j] * wj;
+                            s2 += x2[j] * wj;
+                            s3 += x3[j] * wj;
+                            gwq[j] += z0 * x0[j] + z1 * x1[j] + z2 * x2[j] + z3 * x3[j];
                         }
-                        dzr[k * n + q] += s;
+                        const T sr[RB] = {s0, s1, s2, s3};
+                        for (int64_t r = 0; r < rb; ++r) dz[(b0 + r) * 3 * n + k * n + g * Nz + q] += sr[r];
                     }
                 }
             }

@@ -12,6 +12,7 @@ Models take turns within each round; the median over rounds is reported.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -53,7 +54,10 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall (default) or cpu: this process's CPU time (excludes waiting for a core under load)")
     a = p.parse_args(argv)
+    now = time.perf_counter if a.clock == "wall" else time.process_time
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
@@ -76,13 +80,14 @@ def main(argv=None) -> int:
             run(m, 5)  # warm-up: kernel build and load, caches
         for _ in range(a.rounds):
             for n, m in models.items():
-                t0 = time.perf_counter()
+                t0 = now()
                 run(m, a.steps)
-                times[n].append(time.perf_counter() - t0)
+                times[n].append(now() - t0)
     base = a.steps / statistics.median(times["torch.nn.LSTM"])
     print(f"generation, one step per call under no_grad: input {a.input_size}, hidden {a.hidden_size}, hyper "
           f"{a.hyper_size}, N_z {a.embedding_size}, batch {a.batch}; {a.steps} steps x {a.rounds} rounds (median); "
-          f"{dev.type}, {torch.get_num_threads()} thread(s), torch {torch.__version__}\n")
+          f"{dev.type}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, {a.clock} clock, "
+          f"load average {os.getloadavg()[0]:.1f}\n")
     print("| layer | steps/s | vs torch.nn.LSTM |")
     print("|---|---:|---:|")
     for n in names:

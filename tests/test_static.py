@@ -310,3 +310,10 @@ def test_state_dicts_of_the_earlier_hyperconv2d_models_still_load():
     wrn.load_state_dict(earlier, strict=True)
     assert torch.equal(wrn.block3[5].conv2.parametrizations.weight[0].z, earlier["block3.5.conv2.z"])
     assert torch.equal(wrn.block1[0].conv1.parametrizations.weight[0].own_generator.w_in, earlier["generator.w_in"])
+
+def test_hyperconv2d_starts_at_kaiming_std_for_its_real_fan_in():
+    torch.manual_seed(0)
+    g = KernelGenerator(64, 16, 16, 3)
+    for cin in (16, 64, 128):
+        w = HyperConv2d(cin, 32, 3, g).kernel().detach()
+        assert abs(w.std().item() / (2.0 / (cin * 9)) ** 0.5 - 1) < 0.25, cin

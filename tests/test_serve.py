@@ -385,6 +385,42 @@ def test_full_queue_answers_503_with_retry_after(tmp_path):
         server.shutdown()
 
 
+class SlowTask:
+    demo_kind = "text"
+
+    def __init__(self):
+        self.made = 0
+
+    def demo_stream(self, length=200, temperature=1.0, seed=0, prime=""):
+        for _ in range(length):
+            time.sleep(0.005)
+            self.made += 1
+            yield "a", [0.0] * 4
+
+
+def test_client_leaving_mid_stream_stops_the_model_and_frees_the_worker(tmp_path):
+    task = SlowTask()
+    server = srv.make_server([_ckpt(tmp_path / "s.ckpt", LM)], port=0, loader=lambda p: task, workers=1, queue=0).start()
+    queue = server.app.state.demo.queue
+    try:
+        conn, resp = open_stream(server, {"checkpoint": "s.ckpt", "length": 2000})
+        events = read_events(resp)
+        assert next(events)[0] == "start" and next(events)[0] == "steps"
+        assert queue.running == 1
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        deadline = time.monotonic() + 5
+        while (queue.running or queue.admitted) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert queue.running == 0 and queue.admitted == 0
+        made = task.made
+        time.sleep(0.3)
+        assert task.made == made < 2000  # the model stopped with the client
+        assert request(server, "POST", "/api/generate", {"checkpoint": "s.ckpt", "length": 3})[0] == 200  # worker free
+    finally:
+        server.shutdown()
+
+
 def test_static_files_and_traversal(fake_server):
     resp, page = request(fake_server, "GET", "/", raw=True)
     assert resp.status == 200 and resp.getheader("Content-Type").startswith("text/html")

@@ -318,16 +318,32 @@ class GenerationQueue:
     def waiting(self) -> int:
         return self.admitted - self.running
 
-    async def __aenter__(self):
+    async def acquire(self, ticket: "Ticket") -> None:
+        """Wait for a worker slot for this admitted request."""
         await self._slots.acquire()
+        ticket.running_since = time.monotonic()
         self.running += 1
-        self._started = time.monotonic()
-        return self
 
-    async def __aexit__(self, *exc):
-        self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (time.monotonic() - self._started)
+    def release(self, ticket: "Ticket") -> None:
+        """Give back the ticket's slot, if it holds one (safe to call more than once)."""
+        if ticket.running_since is None:
+            return
+        self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (time.monotonic() - ticket.running_since)
+        ticket.running_since = None
         self.running -= 1
         self._slots.release()
+
+
+@dataclass
+class Ticket:
+    """One admitted generate request: its worker slot and the task's step iterator, released by
+    the request's dependency when the response is over. That runs whatever ended it; the async
+    generators that stream the events are not reliably closed when a client leaves (they are left
+    suspended at a ``yield``), so they must not be the only ones to hold resources."""
+
+    running_since: float | None = None
+    items: Iterator | None = None
+    busy: Any = None  # threading.Lock held while a worker thread computes a chunk
 
 
 def _take(items: Iterator, flush_interval: float, max_steps: int) -> list:
@@ -445,31 +461,38 @@ class DemoApp:
             log.exception("generation failed for %s", entry.path)
             raise RequestError(500, f"generation failed: {type(e).__name__}: {_scrub(str(e), self.index)}") from None
 
-    async def events(self, entry: CheckpointEntry, args: dict) -> Any:
+    def finish(self, ticket: Ticket) -> None:
+        """Free what a request holds: its worker slot and the task's step iterator."""
+        if ticket.items is not None:
+            _close_later(ticket.items, ticket.busy)
+            ticket.items = None
+        self.queue.release(ticket)
+
+    async def events(self, entry: CheckpointEntry, args: dict, ticket: Ticket) -> Any:
         """The generation as events, each computed just before it is sent: ``("queued", ...)``
         while waiting, then ``start``, ``steps`` (each with the next steps the model made since
-        the last one), ``end``. Must be called with the request admitted to the queue."""
+        the last one), ``end``. ``ticket`` is the request's admission to the queue."""
         q = self.queue
         if q.running >= q.workers:
             yield "queued", {"ahead": q.waiting - 1, "running": q.running}
-        async with q:
+        await q.acquire(ticket)
+        try:
             t0 = time.monotonic()
             task = await anyio.to_thread.run_sync(self.task, entry)
-            items = await anyio.to_thread.run_sync(self._open_stream, task, entry, args)
-            busy = threading.Lock()  # held by the thread computing a chunk
-            try:
-                yield "start", {"checkpoint": entry.id, "kind": task.demo_kind, "length": args["length"]}
-                t = 0
-                while True:
-                    chunk = await anyio.to_thread.run_sync(self._next_chunk, items, entry, busy)
-                    if not chunk:
-                        break
-                    steps, intensity = zip(*chunk)
-                    yield "steps", {"t": t, "steps": _finite(list(steps)), "intensity": _finite(list(intensity))}
-                    t += len(chunk)
-                yield "end", {"steps": t, "seconds": round(time.monotonic() - t0, 3)}
-            finally:
-                _close_later(items, busy)
+            ticket.items = await anyio.to_thread.run_sync(self._open_stream, task, entry, args)
+            ticket.busy = threading.Lock()  # held by the thread computing a chunk
+            yield "start", {"checkpoint": entry.id, "kind": task.demo_kind, "length": args["length"]}
+            t = 0
+            while True:
+                chunk = await anyio.to_thread.run_sync(self._next_chunk, ticket.items, entry, ticket.busy)
+                if not chunk:
+                    break
+                steps, intensity = zip(*chunk)
+                yield "steps", {"t": t, "steps": _finite(list(steps)), "intensity": _finite(list(intensity))}
+                t += len(chunk)
+            yield "end", {"steps": t, "seconds": round(time.monotonic() - t0, 3)}
+        finally:
+            self.finish(ticket)
 
 
 # ------------------------------------------------------------------------------ web app
@@ -583,9 +606,11 @@ def make_app(checkpoints: list[str | Path], *, loader: Callable[[Path], Any] | N
         full queue is a 503 and an unknown id a 404 (not an error inside a 200 stream)."""
         entry = demo.entry(body.checkpoint)
         demo.queue.admit()
+        ticket = Ticket()
         try:
-            yield entry, body.model_dump(exclude={"checkpoint"})
-        finally:
+            yield entry, body.model_dump(exclude={"checkpoint"}), ticket
+        finally:  # runs when the response is over, however it ended (a client leaving included)
+            demo.finish(ticket)
             demo.queue.leave()
 
     @app.get("/api/checkpoints")
@@ -594,18 +619,18 @@ def make_app(checkpoints: list[str | Path], *, loader: Callable[[Path], Any] | N
 
     @app.post("/api/generate/stream", response_class=EventSourceResponse)
     async def generate_stream(job=Depends(admitted)):
-        entry, args = job
+        entry, args, ticket = job
         try:
-            async for event, data in demo.events(entry, args):
+            async for event, data in demo.events(entry, args, ticket):
                 yield ServerSentEvent(event=event, raw_data=json.dumps(data, allow_nan=False))
         except RequestError as e:  # after the 200: reported as the stream's last event
             yield ServerSentEvent(event="error", raw_data=json.dumps({"error": e.message, "status": e.status}))
 
     @app.post("/api/generate")
     async def generate(job=Depends(admitted)):
-        entry, args = job
+        entry, args, ticket = job
         result: dict[str, Any] = {"steps": [], "intensity": []}
-        async for event, data in demo.events(entry, args):
+        async for event, data in demo.events(entry, args, ticket):
             if event == "start":
                 result.update(kind=data["kind"], checkpoint=data["checkpoint"])
             elif event == "steps":

@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="wall (default) or cpu: this process's CPU time, which excludes the time the process "
                         "waits for a core on a loaded machine (meaningful with --threads 1)")
     p.add_argument("--labml-path", default="/tmp/labml", help="where labml-nn was pip-installed with --target")
+    p.add_argument("--profile", default=None, choices=MODELS, metavar="MODEL",
+                   help="print torch.profiler's table (self CPU time) of one forward+backward of MODEL and exit")
     p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
@@ -208,6 +210,18 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--device cuda: no CUDA device is available")
     size = QUICK if args.quick else FULL
     has_labml = labml_available(args.labml_path)
+
+    if args.profile:
+        from torch.profiler import profile
+        x = make_input(size, device, args.packed)
+        model = build(args.profile, size).to(device)
+        step(model, x)  # warm-up
+        with profile() as prof:
+            step(model, x)
+        print(f"{args.profile}, one forward+backward; {torch.get_num_threads()} thread(s); load average "
+              f"{os.getloadavg()[0]:.1f}; the compiled kernels' time is inside the Functions' self time\n")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        return 0
 
     if args.memory_of:
         print(json.dumps({"peak_bytes": peak_memory_here(args.memory_of, size, device, args.packed)}))

@@ -775,6 +775,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"serving on {server.url}  (Ctrl-C to stop)", flush=True)
     try:
         server.serve_forever()
+    except KeyboardInterrupt:  # uvicorn shuts down gracefully, then re-raises the Ctrl-C
+        pass
     finally:
         server.socket.close()
     return 0

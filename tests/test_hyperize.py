@@ -95,13 +95,13 @@ def test_transformer_encoder_trains_and_materialises():
     torch.manual_seed(0)
     hyper = hyperize(TinyTransformer(), embedding_size=8)
     report = hyper.hyperize_report
-    # out_proj, linear1, linear2 of both layers; the head (12 x 32), the embedding table and the
-    # attention's in_proj_weight (a raw parameter, not an nn.Linear) stay ordinary, with reasons
-    assert sorted(report.generated) == sorted(f"encoder.layers.{i}.{n}.weight" for i in range(2)
-                                              for n in ("self_attn.out_proj", "linear1", "linear2"))
+    # attention in_proj (96 x 32), out_proj, linear1, linear2 of both layers; the head (12 x 32)
+    # and the embedding table stay ordinary, with reasons
+    assert sorted(report.generated) == sorted(f"encoder.layers.{i}.{n}" for i in range(2) for n in (
+        "self_attn.in_proj_weight", "self_attn.out_proj.weight", "linear1.weight", "linear2.weight"))
     assert "is not a multiple of 16" in report.ordinary["head.weight"]
     assert "Embedding is not a supported layer type" in report.ordinary["embed.weight"]
-    assert "MultiheadAttention" in report.ordinary["encoder.layers.0.self_attn.in_proj_weight"]
+    assert "6x2 tiles of 16x16" in str(report)
 
     tokens = torch.randint(0, 12, (16, 6))
     target = tokens.flip(1)  # reverse the sequence: needs attention
@@ -303,3 +303,13 @@ def test_a_single_layer_can_be_the_model():
     assert type(plain) is nn.Linear and not plain._forward_pre_hooks
     x = torch.randn(3, 32)
     torch.testing.assert_close(plain(x), hyper(x))
+
+
+def test_attention_with_separate_key_value_sizes_keeps_its_projections():
+    mha = nn.MultiheadAttention(32, 2, kdim=16, vdim=16)
+    r = hyperize(mha, strict=False, tile_size=16).hyperize_report
+    assert r.generated == ["out_proj.weight"]
+    assert "kdim/vdim" in r.ordinary["q_proj_weight"]
+    with pytest.raises(ValueError, match=r"MultiheadAttention, in_proj_weight \(72, 24\)\) cannot be made of 16x16 "
+                                         r"tiles: 3 x embed_dim 72 is not a multiple of 16"):
+        hyperize(nn.MultiheadAttention(24, 2), nn.MultiheadAttention, tile_size=16)

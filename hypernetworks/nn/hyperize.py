@@ -7,7 +7,7 @@
     MyCNN().load_state_dict(plain.state_dict(), strict=True)
 
 Each chosen ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` / ``nn.Linear`` keeps its class and forward;
-its ``weight`` becomes a ``TiledWeight`` parametrization (torch.nn.utils.parametrize): a grid of
+its ``weight`` (``in_proj_weight`` for an ``nn.MultiheadAttention``) becomes a ``TiledWeight`` parametrization (torch.nn.utils.parametrize): a grid of
 basic (tile_out x tile_in x kernel) tiles, each made by a KernelGenerator from its own embedding z
 of N_z numbers. Layers with the same kernel shape share one generator (``share="all"``), as the
 paper's Hyper WRN does, or one per distinct weight shape (``share="shape"``). A forward pre-hook on
@@ -29,8 +29,16 @@ from hypernetworks.nn.static import BatchedGeneration, KernelGenerator, TiledWei
 
 __all__ = ["hyperize", "HyperizeReport", "SUPPORTED_LAYERS", "accept_hyperconv2d_state_dicts"]
 
-#: Layer types whose ``weight`` hyperize can generate: (out, in[/groups], *kernel) weights.
-SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: Layer types whose weight hyperize can generate: (out, in[/groups], *kernel) weights, and the
+#: (3 E, E) ``in_proj_weight`` of nn.MultiheadAttention (its out_proj is an nn.Linear).
+SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
+
+
+def _weight_name(m: nn.Module) -> str | None:
+    """The name of the weight hyperize would generate in ``m``, or None."""
+    if isinstance(m, nn.MultiheadAttention):  # separate q/k/v weights when kdim/vdim differ: not supported
+        return "in_proj_weight" if m._qkv_same_embed_dim else None
+    return "weight" if isinstance(m, SUPPORTED_LAYERS) else None
 
 LayerSpec = Union[None, str, Iterable[str], type, tuple, Callable[[str, nn.Module], bool]]
 
@@ -116,11 +124,13 @@ def _misfit(m: nn.Module, weight: torch.Tensor, tile: tuple[int, int]) -> str | 
     """Why this layer's weight cannot be tiled, or None."""
     if not weight.is_floating_point():
         return f"weight dtype {weight.dtype} is not floating point"
-    out, inp = weight.shape[0], weight.shape[1]
-    what = "in_features" if isinstance(m, nn.Linear) else "in_channels/groups"
-    bad = [f"{lbl} {n} is not a multiple of {t}" for lbl, n, t in
-           (("out" + ("_features" if isinstance(m, nn.Linear) else "_channels"), out, tile[0]), (what, inp, tile[1]))
-           if n % t]
+    if isinstance(m, nn.Linear):
+        labels = ("out_features", "in_features")
+    elif isinstance(m, nn.MultiheadAttention):
+        labels = ("3 x embed_dim", "embed_dim")
+    else:
+        labels = ("out_channels", "in_channels/groups")
+    bad = [f"{lbl} {n} is not a multiple of {t}" for lbl, n, t in zip(labels, weight.shape[:2], tile) if n % t]
     return "; ".join(bad) or None
 
 
@@ -143,7 +153,7 @@ def hyperize(model: nn.Module, layers: LayerSpec = None, *, tile_size: int | tup
 
     Args:
         model: any ``nn.Module``.
-        layers: which layers (nn.Linear, nn.Conv1d/2d/3d) to generate. None (default): every one
+        layers: which layers (nn.Linear, nn.Conv1d/2d/3d, nn.MultiheadAttention's in_proj_weight) to generate. None (default): every one
             whose weight is a whole grid of basic tiles; the others stay ordinary and the report
             says why. Or a name pattern (``"features.*"``, fnmatch on qualified module names), a
             list of patterns, a layer type or tuple of types, or a predicate ``(name, module) -> bool``.
@@ -183,7 +193,7 @@ def hyperize(model: nn.Module, layers: LayerSpec = None, *, tile_size: int | tup
         model = copy.deepcopy(model)
 
     entries: list[LayerEntry] = []
-    chosen: list[tuple[str, nn.Module]] = []
+    chosen: list[tuple[str, nn.Module, str]] = []
     for name, m in model.named_modules():
         if name.startswith("parametrizations.") or ".parametrizations." in name:
             continue  # the insides of existing parametrizations (their layer is reported)
@@ -192,27 +202,29 @@ def hyperize(model: nn.Module, layers: LayerSpec = None, *, tile_size: int | tup
                                       "a lazy layer whose shape is not known yet (run one forward first)"))
             continue
         own = [(pn, p) for pn, p in m.named_parameters(recurse=False) if p.dim() >= 2]
-        supported = isinstance(m, SUPPORTED_LAYERS)
+        wname = _weight_name(m)
         why = (f"{type(m).__name__} is not a supported layer type "
                f"({', '.join('nn.' + t.__name__ for t in SUPPORTED_LAYERS)})")
-        if supported and parametrize.is_parametrized(m, "weight"):
-            supported = False  # weight_norm, spectral_norm, ...: already a parametrization
-            why = "its weight already has a parametrization"
-            own.insert(0, ("weight", m.weight))
+        if isinstance(m, nn.MultiheadAttention) and wname is None:
+            why = "nn.MultiheadAttention with kdim/vdim other than embed_dim (separate q, k, v weights)"
+        if wname is not None and parametrize.is_parametrized(m, wname):
+            why = "its weight already has a parametrization"  # weight_norm, spectral_norm, ...
+            own.insert(0, (wname, getattr(m, wname)))
+            wname = None
         kind = parametrize.type_before_parametrizations(m).__name__
-        if supported:
-            own = [(pn, p) for pn, p in own if pn != "weight"]
-            w = m.weight
-            row = (_qual(name, "weight"), type(m).__name__, tuple(w.shape))
+        if wname is not None:
+            own = [(pn, p) for pn, p in own if pn != wname]
+            w = getattr(m, wname)
+            row = (_qual(name, wname), type(m).__name__, tuple(w.shape))
             if not select(name, m):
                 entries.append(LayerEntry(*row, False, "not selected"))
             elif (misfit := _misfit(m, w, tile)) is not None:
                 if strict:
-                    raise ValueError(f"hyperize: layer {name!r} ({type(m).__name__}, weight {tuple(w.shape)}) cannot "
-                                     f"be made of {tile[0]}x{tile[1]} tiles: {misfit}")
+                    raise ValueError(f"hyperize: layer {name or '(the model itself)'!r} ({type(m).__name__}, {wname} "
+                                     f"{tuple(w.shape)}) cannot be made of {tile[0]}x{tile[1]} tiles: {misfit}")
                 entries.append(LayerEntry(*row, False, misfit))
             else:
-                chosen.append((name, m))
+                chosen.append((name, m, wname))
                 entries.append(LayerEntry(*row, True, ""))
         for pn, p in own:  # other weight matrices stay ordinary: say so
             entries.append(LayerEntry(_qual(name, pn), kind, tuple(p.shape), False, why))
@@ -232,8 +244,8 @@ def hyperize(model: nn.Module, layers: LayerSpec = None, *, tile_size: int | tup
     generators: dict[str, KernelGenerator] = {}
     tiled: list[TiledWeight] = []
     targets: list[float | None] = []
-    for name, m in chosen:
-        w = m.weight
+    for name, m, wname in chosen:
+        w = getattr(m, wname)
         kernel = tuple(w.shape[2:])
         key = _tile_key((*tile, *kernel) if share == "all" else tuple(w.shape))
         new = key not in generators
@@ -242,11 +254,11 @@ def hyperize(model: nn.Module, layers: LayerSpec = None, *, tile_size: int | tup
                 device=w.device, dtype=w.dtype)
         t = TiledWeight(generators[key], w.shape, own_generator=new)
         targets.append(_target_std(init, w))
-        parametrize.register_parametrization(m, "weight", t, unsafe=True)  # shapes hold by construction
+        parametrize.register_parametrization(m, wname, t, unsafe=True)  # shapes hold by construction
         tiled.append(t)
     for e in entries:
         if e.generated:
-            t = tiled[[_qual(n, "weight") for n, _ in chosen].index(e.name)]
+            t = tiled[[_qual(n, wn) for n, _, wn in chosen].index(e.name)]
             key = next(k for k, g in generators.items() if g is t.generator)
             e.detail = f"{t.out_tiles}x{t.in_tiles} tiles of {key}"
 

@@ -41,6 +41,8 @@ class Cell:
     label: str
     config: str
     seeds: tuple[int, ...]
+    # (study, cell) whose run this one continues by exact resume: same recipe but a later epoch cap
+    continues: tuple[str, str] | None = None
 
 
 # Seeds: >= 3 for the widened LSTM and the LN HyperLSTM, >= 2 for the others (issue 9).
@@ -61,6 +63,14 @@ STUDIES: dict[str, dict] = {
         cells=[
             Cell("emb-ln-lstm", "LN LSTM 128, 64-d embedding", "configs/study/ptb-emb-ln-lstm.yaml", (0,)),
             Cell("emb-hyperlstm", "HyperLSTM 128, 64-d embedding", "configs/study/ptb-emb-hyperlstm.yaml", (0,)),
+        ]),
+    "ptb-long": dict(
+        metric="test_bpc", val_metric="val_bpc", lower_is_better=True, unit="bpc",
+        title="Character-level PTB, 128 units, 12-epoch cap (seed 0 of the 4-epoch runs, continued)",
+        cells=[
+            Cell("lstm", "LSTM 128", "configs/study/ptb-long-lstm.yaml", (0,), ("ptb", "lstm")),
+            Cell("ln-hyperlstm", "LN HyperLSTM 128", "configs/study/ptb-long-ln-hyperlstm.yaml", (0,), ("ptb", "ln-hyperlstm")),
+            Cell("ln-lstm", "LN LSTM 128", "configs/study/ptb-long-ln-lstm.yaml", (0,), ("ptb", "ln-lstm")),
         ]),
     "mnist": dict(
         metric="test_error", val_metric="val_acc", lower_is_better=True, unit="error",
@@ -122,6 +132,17 @@ def run_one(study: str, cell: Cell, seed: int, runs_root: Path, results: Path, d
     common = ["--config", cell.config, "--seed_everything", str(seed), "--runs_root", str(runs_root),
               "--run_name", run_dir.name]
     last = run_dir / "checkpoints" / "last.ckpt"
+    if cell.continues and not run_dir.exists():
+        # start from the shorter run's state (its checkpoints and logs); resuming is exact, so this
+        # equals training the longer recipe from scratch with the same seed
+        src_study, src_key = cell.continues
+        src = next(c for c in STUDIES[src_study]["cells"] if c.key == src_key)
+        src_dir = _run_dir(runs_root, src_study, src, seed)
+        if not (src_dir / "checkpoints" / "last.ckpt").is_file():
+            return f"{rec}: waiting for {src_dir} (run study {src_study!r} first)"
+        # (its best checkpoint stays behind: the best of the continued run is chosen among the
+        # validations after the shorter cap, where the learning curves are still falling)
+        shutil.copytree(src_dir, run_dir, ignore=shutil.ignore_patterns("tb", "best-*.ckpt"))
     fit = _hn("fit", *common, *(["--ckpt_path", "last"] if last.is_file() else []))
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{run_dir.name}.log"
@@ -131,7 +152,7 @@ def run_one(study: str, cell: Cell, seed: int, runs_root: Path, results: Path, d
         fh.flush()
         rc = subprocess.call(fit, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
     info: dict = dict(study=study, cell=cell.key, label=cell.label, seed=seed, config=cell.config)
-    best = sorted((run_dir / "checkpoints").glob("best-*.ckpt"))
+    best = sorted((run_dir / "checkpoints").glob("best-*.ckpt"), key=lambda p: int(p.stem.split("=")[-1]))
     if rc != 0 or not best:
         tail = log.read_text().splitlines()[-15:]
         info.update(status="failed", returncode=rc, reason="\n".join(tail))

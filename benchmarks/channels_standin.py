@@ -116,15 +116,19 @@ def report() -> None:
     records = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
     if not records:
         raise SystemExit(f"no records in {RESULTS}; run `python {Path(__file__).name} run` first")
-    head = "| model | params | " + " | ".join(s.replace("+", " + ") for s in SUBSETS) + " | mean |"
+    import yaml
+
+    head = "| model | params | steps | test images | " + " | ".join(s.replace("+", " + ") for s in SUBSETS) + " | mean |"
     print(head)
-    print("|---|---:|" + "---:|" * (len(SUBSETS) + 1))
+    print("|---|---:|---:|---:|" + "---:|" * (len(SUBSETS) + 1))
     for name in [n for n in RECIPES if n in records]:
         r = records[name]
+        steps = yaml.safe_load((ROOT / r["recipe"]).read_text())["trainer"]["max_steps"]
         accs = [r["test"].get(f"test_acc/{s}") for s in SUBSETS]
         cells = [f"{100 * a:.1f}" if a is not None else "-" for a in accs]
         mean = sum(a for a in accs if a is not None) / max(1, sum(a is not None for a in accs))
-        print(f"| {r['label']} | {r['params']['total']:,} | " + " | ".join(cells) + f" | {100 * mean:.1f} |")
+        print(f"| {r['label']} | {r['params']['total']:,} | {steps:,} | {r.get('test_images', 10000):,} | "
+              + " | ".join(cells) + f" | {100 * mean:.1f} |")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [4, 2]})
     groups = [("comparison (all three channels in training)", [n for n in RECIPES[:4] if n in records], axes[0]),
               ("leave green out of training", [n for n in RECIPES[4:] if n in records], axes[1])]
@@ -140,7 +144,8 @@ def report() -> None:
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7, loc="lower right")
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("CIFAR-10 as a 3-channel stand-in: accuracy per channel subset (tiny ViTs, 1,000 steps, CPU)", fontsize=10)
+    fig.suptitle("CIFAR-10 as a 3-channel stand-in: test accuracy per channel subset "
+                 "(tiny ViTs on CPU; comparison 1,000 steps, leave-one-out 500)", fontsize=10)
     fig.tight_layout()
     print(f"wrote {save_figure(fig, ROOT / 'docs' / 'channels.png', dpi=110)}")
 

@@ -604,7 +604,8 @@ def make_app(checkpoints: list[str | Path], *, loader: Callable[[Path], Any] | N
     async def admitted(body: GenerateRequest):  # type: ignore[valid-type]
         """Checks the checkpoint and takes a place in the queue before the response starts, so a
         full queue is a 503 and an unknown id a 404 (not an error inside a 200 stream)."""
-        entry = demo.entry(body.checkpoint)
+        # In a thread: the index stats folders, and reads new files' headers after a change.
+        entry = await anyio.to_thread.run_sync(demo.entry, body.checkpoint)
         demo.queue.admit()
         ticket = Ticket()
         try:
@@ -614,7 +615,7 @@ def make_app(checkpoints: list[str | Path], *, loader: Callable[[Path], Any] | N
             demo.queue.leave()
 
     @app.get("/api/checkpoints")
-    async def list_checkpoints():
+    def list_checkpoints():  # plain def: FastAPI runs it in a thread, off the event loop
         return JSONResponse(demo.list_checkpoints(), headers={"Cache-Control": "no-store"})
 
     @app.post("/api/generate/stream", response_class=EventSourceResponse)

@@ -221,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.profile}, one forward+backward; {torch.get_num_threads()} thread(s); load average "
               f"{os.getloadavg()[0]:.1f}; the compiled kernels' time is inside the Functions' self time\n")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        ops = [e for e in prof.events() if e.name.startswith(("aten::", "mkldnn::"))]
+        top = [e for e in ops if e.cpu_parent is None or not e.cpu_parent.name.startswith(("aten::", "mkldnn::"))]
+        print(f"\ntop-level PyTorch ops (views included) per time step, forward + backward: "
+              f"{len(top) / size['seq_len']:.0f} (each a kernel launch or dispatch on a GPU)")
         return 0
 
     if args.memory_of:

@@ -16,6 +16,12 @@ On CPU in float32 the per-step products go through oneDNN (``mkldnn::_linear_poi
 which on this class of machine is ~2x faster than the BLAS ``mm`` at batch-sized M, and is
 what ``torch.nn.LSTM``'s own CPU kernel uses; elsewhere (float64, CUDA) they use ``torch.mm``.
 
+The per-step elementwise work (nonlinearities, d-scaling, layer norms, cell update, dropout
+masks) runs on CPU in the compiled kernels of ``hypernetworks/nn/_kernels`` (three calls per step
+each way); on CUDA, or when no compiler is available (one warning), the same Functions do it with
+PyTorch ops. PackedSequence batches run with per-step active batch sizes (``packed_forward``,
+kernels only); single steps with autograd off run here too, with cached prepared weights.
+
 The plain LSTM without layer norm or recurrent dropout simply calls torch's fused LSTM kernel
 (``torch._VF.lstm``, i.e. oneDNN on CPU and cuDNN on GPU) with the gates permuted from this
 package's i, g, f, o order to torch's i, f, g, o.
@@ -24,7 +30,8 @@ Numerics, parameter layout and the random stream of recurrent dropout are those 
 ``step`` path (masks are drawn per step in the same order, hyper LSTM first), so the two paths
 agree to rounding. Switch the fused path off with the environment variable
 ``HYPERNETWORKS_FUSED=0`` or per cell with ``cell.fused = False`` (e.g. to debug against the
-reference ``step``). Activity recording and PackedSequence input always use ``step``.
+reference ``step``); ``HYPERNETWORKS_KERNELS=0`` keeps it but without the compiled kernels.
+Activity recording always uses ``step``.
 """
 from __future__ import annotations
 

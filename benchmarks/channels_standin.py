@@ -6,7 +6,8 @@
 ``run`` trains each ``configs/cifar10-channels-*-cpu.yaml`` recipe through the project's
 command line (``hypernetworks fit`` then ``test`` on ``last.ckpt``), one thread, and records
 under ``results/channels/<recipe>.json`` the test accuracy on every channel subset, the parameter
-counts, the wall time and the machine's load average; a recipe already recorded is skipped.
+counts, the wall time and the machine's load average (and the resolved fit configuration as
+``<recipe>.fit-config.yaml``); a recipe already recorded is skipped.
 ``report`` rebuilds the table and the figure from those records only.
 """
 from __future__ import annotations
@@ -80,6 +81,10 @@ def run(names: list[str], test_limit_per_class: int | None = None, test_only: bo
                 raise SystemExit(f"{name}: --test-only needs {ckpt}")
         else:
             subprocess.run([*cli, "fit", "--config", str(recipe)], check=True, env=env, cwd=ROOT)
+            versions = sorted((ROOT / "runs" / name / "csv").glob("version_*/config.yaml"),
+                              key=lambda p: int(p.parent.name.split("_")[1]))
+            if versions:  # the fully resolved configuration the fit ran with
+                (RESULTS / f"{name}.fit-config.yaml").write_text(versions[-1].read_text())
         t1 = time.time()
         test = [*cli, "test", "--config", str(recipe), "--ckpt_path", str(ckpt)]
         if test_limit_per_class:  # the first N test images of each class (the fit used the full data)

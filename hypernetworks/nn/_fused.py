@@ -36,6 +36,7 @@ Activity recording always uses ``step``.
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -208,6 +209,10 @@ def _dropout_masks(cells_rates, T: int, B: int, like: torch.Tensor):
     return out
 
 
+# Outside the modules, so that deepcopy, pickling and state_dict never carry the cached tensors.
+_PREPARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _prepared(cell, name: str, params, build):
     """``build()`` (weights derived from ``params``: concatenated, permuted), cached on the cell
     while autograd is off and the parameters are unchanged (same storage, same in-place version
@@ -216,7 +221,7 @@ def _prepared(cell, name: str, params, build):
     if torch.is_grad_enabled() and any(p.requires_grad for p in params):
         return build()
     key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-    cache = cell.__dict__.setdefault("_fused_prepared", {})
+    cache = _PREPARED.setdefault(cell, {})
     hit = cache.get(name)
     if hit is None or hit[0] != key:
         hit = cache[name] = (key, build())

@@ -5,7 +5,7 @@ terminal); the command prints each one's validation bits per character (whole va
 state carried) and parameter count, then writes the weight-activity picture (HTML + PNG) of a
 passage sampled from the HyperLSTM. No download and no data folder: the text is CPython's
 ``pydoc_data.topics``. The figures repeat exactly on one machine and source tree; another CPU can
-change them by about 0.01 bpc (``benchmarks/demo_spread.py`` measures it; README).
+change them by up to about 0.015 bpc (``benchmarks/demo_spread.py`` measures it; README).
 
     hypernetworks demo                    # about a minute of CPU per model
     hypernetworks demo --quick            # seconds: a smoke run

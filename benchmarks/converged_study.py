@@ -49,7 +49,7 @@ class Cell:
 STUDIES: dict[str, dict] = {
     "ptb": dict(
         metric="test_bpc", val_metric="val_bpc", lower_is_better=True, unit="bpc",
-        title="Character-level PTB, 128 units, to a plateau",
+        title="Character-level PTB, 128 units, 4-epoch cap",
         cells=[
             Cell("lstm", "LSTM 128", "configs/study/ptb-lstm.yaml", (0, 1)),
             Cell("lstm-wide", "LSTM 180 (LN HyperLSTM's parameter count)", "configs/study/ptb-lstm-wide.yaml", (0, 1, 2)),
@@ -59,7 +59,7 @@ STUDIES: dict[str, dict] = {
         ]),
     "ptb-embedding": dict(
         metric="test_bpc", val_metric="val_bpc", lower_is_better=True, unit="bpc",
-        title="Character-level PTB with a learned 64-d input embedding, to a plateau",
+        title="Character-level PTB with a learned 64-d input embedding, 4-epoch cap",
         cells=[
             Cell("emb-ln-lstm", "LN LSTM 128, 64-d embedding", "configs/study/ptb-emb-ln-lstm.yaml", (0,)),
             Cell("emb-hyperlstm", "HyperLSTM 128, 64-d embedding", "configs/study/ptb-emb-hyperlstm.yaml", (0,)),
@@ -74,7 +74,7 @@ STUDIES: dict[str, dict] = {
         ]),
     "mnist": dict(
         metric="test_error", val_metric="val_acc", lower_is_better=True, unit="error",
-        title="MNIST, second conv layer generated vs plain, to a plateau",
+        title="MNIST, second conv layer generated vs plain, 8 epochs",
         cells=[
             Cell("conv", "plain conv net", "configs/study/mnist-conv.yaml", (0, 1)),
             Cell("hyper", "layer 2 generated (N_z 4)", "configs/study/mnist-hyper.yaml", (0, 1)),

@@ -395,7 +395,29 @@ class RandomHorizontalFlip:
 
 # ------------------------------------------------------------------------------ data modules
 
-class _ImageDataModule(LightningDataModule):
+class SplitLoaders:
+    """Train/val/test DataLoaders over ``train_set``/``val_set``/``test_set`` (shuffled, whole
+    batches for training), shared by the image and multi-channel data modules."""
+
+    batch_size: int
+    eval_batch_size: int
+    num_workers: int
+
+    def _loader(self, ds: Dataset, train: bool) -> DataLoader:
+        return DataLoader(ds, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
+                          drop_last=train, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, False)
+
+
+class _ImageDataModule(SplitLoaders, LightningDataModule):
     """Train / validation (held out from train, or the test set when val_size=0) / test loaders."""
 
     def __init__(self, batch_size: int, eval_batch_size: int, val_size: int, num_workers: int, seed: int) -> None:
@@ -432,18 +454,6 @@ class _ImageDataModule(LightningDataModule):
         else:
             self.train_set, self.val_set = train_aug, self.test_set
 
-    def _loader(self, ds: Dataset, train: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
-                          drop_last=train, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, False)
 
 
 class MNISTDataModule(_ImageDataModule):

@@ -42,7 +42,7 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from hypernetworks.data.images import DatasetFileError, default_data_root
+from hypernetworks.data.images import DatasetFileError, SplitLoaders, default_data_root
 
 __all__ = [
     "So2SatLCZ42", "CHAMMI", "JUMPCP", "ChannelNormalize", "SubDatasetBatchSampler", "collate_channels",
@@ -590,7 +590,7 @@ def channel_stats(ds: Dataset, channels: Sequence[str], max_samples: int = 2048)
     return {c: (float(m), float(d)) for c, m, d in zip(channels, mean, std)}
 
 
-class _MultiChannelDataModule(LightningDataModule):
+class _MultiChannelDataModule(SplitLoaders, LightningDataModule):
     def __init__(self, root: str | None, folder: str, batch_size: int, eval_batch_size: int, num_workers: int) -> None:
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
@@ -604,18 +604,6 @@ class _MultiChannelDataModule(LightningDataModule):
         """The training data's classes (after setup); the task checks its num_classes against it."""
         return None if self.train_set is None else self.train_set.num_classes
 
-    def _loader(self, ds: Dataset, train: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
-                          drop_last=train, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, False)
 
 
 class So2SatDataModule(_MultiChannelDataModule):

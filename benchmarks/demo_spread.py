@@ -35,7 +35,7 @@ VARIANTS: dict[str, dict[str, str]] = {
 def code_fingerprint() -> str:
     """Hash of the package's source (Python and C++): runs compare only when this is equal."""
     h = hashlib.sha256()
-    pkg = Path(__file__).resolve().parents[1] / "hypernetworks"
+    pkg = Path(__file__).resolve().parents[1] / "src" / "hypernetworks"
     for f in sorted([*pkg.rglob("*.py"), *pkg.rglob("*.cpp")]):
         h.update(f.relative_to(pkg).as_posix().encode() + f.read_bytes())
     return h.hexdigest()[:10]

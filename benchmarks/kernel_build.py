@@ -1,7 +1,7 @@
 """First-use build cost of the fused step kernels against a torch C++ extension.
 
 Builds, each into a fresh temporary cache, (a) this package's step kernels
-(hypernetworks/nn/_kernels: plain C++ behind a C ABI, loaded with ctypes) and (b) a one-function
+(src/hypernetworks/nn/_kernels: plain C++ behind a C ABI, loaded with ctypes) and (b) a one-function
 ``torch.utils.cpp_extension.load_inline`` extension (what a torch-header kernel would cost at the
 least), and reports the compilers' CPU time (children's user + system time, which does not depend on
 how busy the machine is) and the wall time.
@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
 
 
 def children_cpu() -> float:

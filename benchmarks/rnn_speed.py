@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1] / "src"  # the package, when run from a checkout without installing
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

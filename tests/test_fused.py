@@ -1,4 +1,4 @@
-"""The fused whole-sequence paths (hypernetworks/nn/_fused.py) against the eager per-step path."""
+"""The fused whole-sequence paths (src/hypernetworks/nn/_fused.py) against the eager per-step path."""
 from __future__ import annotations
 
 import itertools

@@ -66,11 +66,11 @@ STUDIES: dict[str, dict] = {
         ]),
     "ptb-long": dict(
         metric="test_bpc", val_metric="val_bpc", lower_is_better=True, unit="bpc",
-        title="Character-level PTB, 128 units, 12-epoch cap (seed 0 of the 4-epoch runs, continued)",
+        title="Character-level PTB, 128 units, 12-epoch cap (4-epoch runs continued by exact resume)",
         cells=[
             Cell("lstm", "LSTM 128", "configs/study/ptb-long-lstm.yaml", (0,), ("ptb", "lstm")),
-            Cell("ln-hyperlstm", "LN HyperLSTM 128", "configs/study/ptb-long-ln-hyperlstm.yaml", (0,), ("ptb", "ln-hyperlstm")),
-            Cell("ln-lstm", "LN LSTM 128", "configs/study/ptb-long-ln-lstm.yaml", (0,), ("ptb", "ln-lstm")),
+            Cell("ln-hyperlstm", "LN HyperLSTM 128", "configs/study/ptb-long-ln-hyperlstm.yaml", (0, 1), ("ptb", "ln-hyperlstm")),
+            Cell("ln-lstm", "LN LSTM 128", "configs/study/ptb-long-ln-lstm.yaml", (0, 1), ("ptb", "ln-lstm")),
         ]),
     "mnist": dict(
         metric="test_error", val_metric="val_acc", lower_is_better=True, unit="error",

@@ -97,6 +97,8 @@ def nn_lstm_training_script(make_rnn, save_path) -> tuple[float, float, float]:
                 torch.save(model, f)
             best = loss
     with open(save_path, "rb") as f:
+        # whole-module pickling is what such scripts do; safe here only because this test wrote
+        # the file a few lines above (the project's own loaders never unpickle: weights_only=True)
         model = torch.load(f, weights_only=False)
         model.rnn.flatten_parameters()  # after loading, as the example does for its RNNs
     return first, best, evaluate(val)

@@ -40,7 +40,8 @@ MODELS = ("torch.nn.LSTM", "LSTM", "LN LSTM", "HyperLSTM", "LN HyperLSTM", "labm
           "HyperLSTM (eager)", "LN HyperLSTM (eager)", "LN LSTM (torch ops)", "HyperLSTM (torch ops)",
           "LN HyperLSTM (torch ops)")
 DEFAULT = MODELS[:6]
-PACKED_DEFAULT = ("torch.nn.LSTM", "HyperLSTM", "HyperLSTM (eager)", "LN HyperLSTM", "LN HyperLSTM (eager)")
+PACKED_DEFAULT = ("torch.nn.LSTM", "HyperLSTM", "HyperLSTM (torch ops)", "HyperLSTM (eager)", "LN HyperLSTM",
+                  "LN HyperLSTM (eager)")
 FULL = dict(input_size=50, hidden_size=1000, hyper_size=128, embedding_size=4, seq_len=100, batch=64)
 QUICK = dict(input_size=8, hidden_size=64, hyper_size=16, embedding_size=4, seq_len=20, batch=8)
 

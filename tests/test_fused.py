@@ -259,13 +259,12 @@ def test_packed_sequence_fused_equals_eager(kind, layer_norm, dropout, step_path
         results.append(run_packed(m, packed, fused))
     assert_same(*results)
     taken = [c is not None for c in calls[-2:]]  # the fused run's two layers
-    assert taken == [step_path == "kernels"] * 2  # the torch-op path leaves packed input to step
+    assert taken == [True, True]  # both paths: kernels skip finished rows, torch ops make them inert
 
 
 def test_gradcheck_packed_hyper_function():
-    """gradcheck of the HyperLSTM Function with per-step batch sizes (layer norm, dropout masks)."""
-    if _kernels.library() is None:
-        pytest.skip("packed batches run on the compiled kernels only")
+    """gradcheck of the HyperLSTM Function with per-step batch sizes (layer norm, dropout masks),
+    on both paths; the final states are those of each row's last step."""
     tensors, grad_idx, masks = _hyper_inputs(layer_norm=True, bias=True, dropout=True)
     inputs = [t.requires_grad_() if t is not None else None for t in tensors]
 
@@ -276,6 +275,23 @@ def test_gradcheck_packed_hyper_function():
         return _fused._HyperLSTMFunction.apply(*full, *masks, 1e-5, 1e-5, [2, 2, 1, 1])
 
     assert torch.autograd.gradcheck(f, [inputs[k] for k in grad_idx], eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+def test_gradcheck_packed_lstm_function():
+    """gradcheck of the LSTM Function (layer norm, dropout mask) with per-step batch sizes."""
+    torch.manual_seed(5)
+    cell = make("lstm", layer_norm=True).cells[0]
+    xw = torch.randn(T, B, 4 * H, dtype=torch.double)
+    h0, c0 = (torch.randn(B, H, dtype=torch.double) for _ in range(2))
+    norms = [p.detach().clone() for p in _fused._norm_params(cell)]
+    mask = (torch.rand(T, B, H, dtype=torch.double) > 0.3).double() / 0.7
+    tensors = [xw, h0, c0, cell.weight_hh.detach().clone(), *norms]
+    sizes = [B] * (T - 2) + [1, 1]
+
+    def f(*args):
+        return _fused._LSTMFunction.apply(*args, mask, 1e-5, sizes)
+
+    assert torch.autograd.gradcheck(f, [t.requires_grad_() for t in tensors], eps=1e-6, atol=1e-6, fast_mode=True)
 
 
 # -- one step at a time without autograd (sampling) ------------------------------------------------

@@ -19,8 +19,9 @@ what ``torch.nn.LSTM``'s own CPU kernel uses; elsewhere (float64, CUDA) they use
 The per-step elementwise work (nonlinearities, d-scaling, layer norms, cell update, dropout
 masks) runs on CPU in the compiled kernels of ``hypernetworks/nn/_kernels`` (three calls per step
 each way); on CUDA, or when no compiler is available (one warning), the same Functions do it with
-PyTorch ops. PackedSequence batches run with per-step active batch sizes (``packed_forward``,
-kernels only); single steps with autograd off run here too, with cached prepared weights.
+PyTorch ops. PackedSequence batches run with per-step active batch sizes (``packed_forward``;
+the PyTorch-op path runs all rows and makes the finished ones inert); single steps with autograd
+off run here too, with cached prepared weights.
 
 The plain LSTM without layer norm or recurrent dropout simply calls torch's fused LSTM kernel
 (``torch._VF.lstm``, i.e. oneDNN on CPU and cuDNN on GPU) with the gates permuted from this
@@ -400,8 +401,6 @@ class _HyperLSTMFunction(torch.autograd.Function):
             _hyper_forward_kernels(lib, xw, xw_hat, h0, w_cat, w_hat_hh, z_weight, z_bias, d_weight, bias,
                                    norms, hnorms, mask, hmask, eps, hyper_eps, main, hyp, out, hh_all, z_all, a_list,
                                    batch_sizes)
-        elif batch_sizes is not None:
-            raise RuntimeError("packed batches need the compiled kernels (the callers check this)")
         else:
             bd = _block_diagonal(d_weight)
             d_buf = xw.new_empty(3, B, 4 * H)  # per-step scratch, reused: fresh pages cost a fault each
@@ -423,6 +422,7 @@ class _HyperLSTMFunction(torch.autograd.Function):
                 d[2] += bias
             pre = torch.addcmul(d[2], a[:, :4 * H], d[0], out=pre_buf).addcmul_(xw[t], d[1])
             h = _update_forward(t, pre, main, norms, None if mask is None else mask[t], eps, h_out=out[t])
+            _end_finished_rows(out, t, batch_sizes)
         ctx.ln = ln
         ctx.eps, ctx.hyper_eps = eps, hyper_eps
         ctx.has_bias = bias is not None
@@ -456,7 +456,7 @@ class _HyperLSTMFunction(torch.autograd.Function):
                 ctx.batch_sizes)
         else:
             d_xw, d_a, d_z, dh, dc, dhh, dch, g_dw, g_bias = _hyper_backward_torch(
-                ctx, d_out, d_cT, d_hhT, d_chT, xw, h0, hh_all, z_all, w_cat, w_hat_hh, z_weight, d_weight,
+                ctx, *_packed_grads(ctx.batch_sizes, d_out, d_cT, d_hhT, d_chT), xw, h0, hh_all, z_all, w_cat, w_hat_hh, z_weight, d_weight,
                 norms, hnorms, mask, hmask, main, hyp, a_list, grads, hgrads)
         # Weight gradients: one product over all T * B rows each.
         TB = T * B
@@ -491,11 +491,17 @@ def _hyper_backward_torch(ctx, d_out, d_cT, d_hhT, d_chT, xw, h0, hh_all, z_all,
     g_bias = xw.new_zeros(4 * H) if ctx.has_bias else None
     zeros = lambda S: xw.new_zeros(B, S)  # noqa: E731
     dh = zeros(H)
-    dc = d_cT if d_cT is not None else zeros(H)
-    dhh = d_hhT if d_hhT is not None else zeros(Hh)
-    dch = d_chT if d_chT is not None else zeros(Hh)
+    bs = ctx.batch_sizes
+    if bs is None:  # every sequence ends at step T - 1: start from the final states' gradients
+        dc = d_cT if d_cT is not None else zeros(H)
+        dhh = d_hhT if d_hhT is not None else zeros(Hh)
+        dch = d_chT if d_chT is not None else zeros(Hh)
+    else:  # each sequence's final-state gradient enters at its own last step (below)
+        dc, dhh, dch = zeros(H), zeros(Hh), zeros(Hh)
     w_cat_t = w_cat.t().contiguous()
     for t in range(T - 1, -1, -1):
+        if bs is not None:
+            _enter_final_grads(t, bs, (dc, dhh, dch), (d_cT, d_hhT, d_chT))
         if d_out is not None:
             dh = dh + d_out[t]
         dc = _update_backward(t, dh, dc, main, norms, None if mask is None else mask[t], ctx.eps, grads, dpre)
@@ -572,12 +578,11 @@ class _LSTMFunction(torch.autograd.Function):
                 pre = _linear(h[:bt], w_hh)
                 k.cell_fwd(t, bt, pre, xw[t], None, sv, _contiguous(norms), eps, mask, out[t])
                 h = out[t]
-        elif batch_sizes is not None:
-            raise RuntimeError("packed batches need the compiled kernels (the callers check this)")
         for t in range(T if lib is None else 0):
             pre = _linear(h, w_hh)
             pre += xw[t]
             h = _update_forward(t, pre, sv, norms, None if mask is None else mask[t], eps, h_out=out[t])
+            _end_finished_rows(out, t, batch_sizes)
         ctx.ln, ctx.eps, ctx.batch_sizes = ln, eps, batch_sizes
         ctx.save_for_backward(h0, out, w_hh, gw, gb, cw, cb, mask, *sv.tensors())
         return out, sv.c[_last_steps(batch_sizes, T, B, xw.device) + 1, ar(B, xw)]
@@ -607,7 +612,12 @@ class _LSTMFunction(torch.autograd.Function):
                     dh = prod
                 else:
                     dh[:bt] = prod
+        if ctx.lib is None and ctx.batch_sizes is not None:
+            d_out, d_cT = _packed_grads(ctx.batch_sizes, d_out, d_cT)
+            dc = out.new_zeros(B, H)
         for t in range(T - 1, -1, -1) if ctx.lib is None else ():
+            if ctx.batch_sizes is not None:
+                _enter_final_grads(t, ctx.batch_sizes, (dc,), (d_cT,))
             if d_out is not None:
                 dh = dh + d_out[t]
             dc = _update_backward(t, dh, dc, sv, norms, None if mask is None else mask[t], ctx.eps, grads, d_xw[t])
@@ -637,6 +647,37 @@ def lstm_sequence(cell, x: torch.Tensor, state, batch_sizes=None, row_order=None
 
 
 # -- padded batches (PackedSequence input) -------------------------------------------------------
+# Packed batches on the PyTorch-op path (CUDA, or no compiled kernels): every step runs on all B
+# rows (static shapes; on a GPU the finished rows cost nothing extra) and the finished rows are
+# made inert instead of skipped. Rows are sorted by decreasing length, so the sequences ending at
+# step t are rows [batch_sizes[t + 1], batch_sizes[t]). Forward: a finished row's outputs are set
+# to 0 (what the eager loop returns there) and its state, carried on from padding input, is never
+# read (final states are gathered at each row's last step). Backward: the gradients entering a
+# finished row are zero, so everything it contributes is exactly zero; a row's final-state
+# gradient enters at its own last step.
+def _end_finished_rows(out: torch.Tensor, t: int, batch_sizes) -> None:
+    if batch_sizes is not None and batch_sizes[t] < out.size(1):
+        out[t, batch_sizes[t]:] = 0
+
+
+def _packed_grads(batch_sizes, d_out, *final):
+    """(d_out with finished rows' steps zeroed, *final): for the PyTorch-op backward loops."""
+    if batch_sizes is not None and d_out is not None:
+        d_out = d_out.clone()
+        for t, bt in enumerate(batch_sizes):
+            d_out[t, bt:] = 0
+    return (d_out, *final)
+
+
+def _enter_final_grads(t: int, batch_sizes, running, finals) -> None:
+    lo = batch_sizes[t + 1] if t + 1 < len(batch_sizes) else 0
+    hi = batch_sizes[t]
+    if hi > lo:
+        for acc, g in zip(running, finals):
+            if g is not None:
+                acc[lo:hi] += g[lo:hi]
+
+
 def _reorder(masks, row_order):
     return [m if m is None or row_order is None else m[:, row_order] for m in masks]
 
@@ -654,10 +695,11 @@ def packed_forward(cell, x: torch.Tensor, state, mask: torch.Tensor):
     eager loop, outputs past a sequence's end are 0 and its final state is the one at its last step.
 
     The rows are sorted by decreasing length so that step t runs on the first ``batch_sizes[t]``
-    rows only, as cuDNN runs a packed batch: no work, and no state update, for finished sequences.
-    None (run the eager loop) when the cell's configuration or the device has no fused path for it.
+    rows only, as cuDNN runs a packed batch: no work, and no state update, for finished sequences
+    (with the compiled kernels; the PyTorch-op path keeps shapes static, see ``_end_finished_rows``).
+    None (run the eager loop) when the cell's configuration has no fused path.
     """
-    if (not fused_enabled(cell, x) or _kernels_for(x) is None or not getattr(cell, "fused_supported", True)
+    if (not fused_enabled(cell, x) or not getattr(cell, "fused_supported", True)
             or getattr(cell, "fused_forward", None) is None):
         return None
     lengths = mask[:, :, 0].sum(0).cpu()

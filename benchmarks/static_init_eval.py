@@ -3,10 +3,11 @@
     python benchmarks/static_init_eval.py --per-class 100 runs/X/checkpoints/last.ckpt ...
     python benchmarks/static_init_eval.py --metrics runs/X/csv/version_0/metrics.csv --window 50
 
-Used for the initialisation comparison in docs/static.md. The CPU recipes validate on the first
-1,000 test images, which in the CIFAR-10 copy used here are all of one class (airplane), so their
-``val_acc`` says nothing; this script takes the first ``--per-class`` images of every class
-instead. ``--metrics`` prints the mean logged training loss per window of steps from a run's CSV log.
+Used for the initialisation comparison in docs/static.md. When those runs were made, the CPU
+recipes validated on the first 1,000 test images, which in the CIFAR-10 copy used here are all of
+one class (airplane), so their ``val_acc`` said nothing (since fixed: validation now reads the test
+set in a class-balanced order); this script takes the first ``--per-class`` images of every class.
+``--metrics`` prints the mean logged training loss per window of steps from a run's CSV log.
 """
 from __future__ import annotations
 

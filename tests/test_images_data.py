@@ -231,3 +231,61 @@ def test_jpeg_roundtrip_of_a_synthetic_member(tmp_path):
     data, labels = read_cifar10_jpeg_tar(tar, train=True, limit_per_class=1)
     assert labels.tolist() == list(range(10)) and data.shape == (10, 3, 32, 32)
     assert data[:, 0].mean() > 240 and data[:, 1:].mean() < 15
+
+
+@pytest.fixture(scope="module")
+def cifar_full(cifar_tar):
+    """The full real CIFAR-10 (decoded once into the user cache, then read from it)."""
+    return CIFAR10(cifar_tar.parent, train=True), CIFAR10(cifar_tar.parent, train=False)
+
+
+def _class_counts(subset) -> list[int]:
+    return torch.bincount(subset.dataset.targets[torch.as_tensor(subset.indices)], minlength=10).tolist()
+
+
+def test_cifar10_validation_subset_of_1000_covers_every_class(cifar_full):
+    """The CPU recipes validate on 1,000 images: ``limit_val_batches: 2`` of 500 from the test set
+    (``val_size`` 0), or ``val_size: 1000`` held out from training. The JPEG copy stores the test set
+    sorted by class, so its first 1,000 images are all airplanes; the validation set must not be."""
+    train, test = cifar_full
+    assert torch.bincount(test.targets[:1000], minlength=10).tolist() == [1000] + [0] * 9  # the file order
+
+    def module(val_size, seed=0):
+        dm = images.CIFAR10DataModule(val_size=val_size, eval_batch_size=500, download=False, seed=seed)
+        dm.load = lambda is_train: train if is_train else test  # one decode for every module here
+        dm.setup("fit")
+        return dm
+
+    dm = module(0)  # validation = the test set, in a class-balanced seeded order
+    assert len(dm.val_set) == 10000 and sorted(dm.val_set.indices) == list(range(10000))  # all of it, once
+    first = torch.utils.data.Subset(test, dm.val_set.indices[:1000])  # what limit_val_batches=2 evaluates
+    assert _class_counts(first) == [100] * 10
+    batches = iter(dm.val_dataloader())
+    _, y = next(batches)
+    assert torch.bincount(y, minlength=10).tolist() == [50] * 10
+    assert dm.val_set.indices == module(0).val_set.indices  # deterministic
+    assert dm.test_set.targets.tolist() == test.targets.tolist()  # the test split and order are unchanged
+    assert [y for _, y in torch.utils.data.Subset(dm.test_set, range(3))] == [0, 0, 0]
+
+    dm = module(1000)  # 1,000 training images held out at random, seeded by the module's seed
+    assert len(dm.val_set) == 1000 and len(dm.train_set) == 49000
+    assert not set(dm.train_set.indices) & set(dm.val_set.indices)  # disjoint
+    assert set(dm.train_set.indices) | set(dm.val_set.indices) == set(range(50000))
+    counts = _class_counts(dm.val_set)
+    assert min(counts) >= 70 and max(counts) <= 130, counts  # a random 1,000 of 50,000: 100 +- 9.5 per class
+    assert dm.val_set.indices == module(1000).val_set.indices  # same every run (not seed_everything)
+    torch.manual_seed(123)
+    assert dm.val_set.indices == module(1000).val_set.indices
+    assert dm.val_set.indices != module(1000, seed=1).val_set.indices
+
+
+def test_class_balanced_order_prefixes():
+    targets = torch.tensor([0] * 7 + [1] * 3 + [2] * 5 + [3] * 5)
+    order = images.class_balanced_order(targets, seed=0)
+    assert sorted(order) == list(range(len(targets)))
+    for k in range(1, 13):  # while every class has items left (3 rounds of 4)
+        counts = torch.bincount(targets[order[:k]], minlength=4)
+        assert counts.max() - counts.min() <= 1
+    assert order == images.class_balanced_order(targets, seed=0)
+    assert order != images.class_balanced_order(targets, seed=1)
+    assert images.class_balanced_order(torch.zeros(0, dtype=torch.long)) == []

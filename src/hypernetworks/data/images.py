@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 __all__ = [
     "DatasetFileError", "read_idx", "download_url", "MNIST", "CIFAR10", "CIFAR10_CLASSES",
     "Compose", "ToFloat", "Normalize", "RandomCrop", "RandomHorizontalFlip",
-    "MNISTDataModule", "CIFAR10DataModule", "default_data_root",
+    "MNISTDataModule", "CIFAR10DataModule", "default_data_root", "class_balanced_order",
 ]
 
 
@@ -417,8 +417,41 @@ class SplitLoaders:
         return self._loader(self.test_set, False)
 
 
+def class_balanced_order(targets: Tensor, seed: int = 0) -> list[int]:
+    """Indices of ``targets`` in a seeded order that deals the classes out in turn: each class's
+    items are shuffled (``torch.Generator().manual_seed(seed)``), then taken one per class per round,
+    the classes of a round in a random order. Every prefix of the order is a random sample whose class
+    counts differ by at most one (as long as no class has run out), so a validation pass cut short
+    (``limit_val_batches``) still sees every class evenly; the whole order is a permutation."""
+    n = len(targets)
+    if n == 0:
+        return []
+    targets = torch.as_tensor(targets, dtype=torch.long)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    t = targets[perm]
+    grouped = torch.argsort(t, stable=True)  # by class, shuffled within each class
+    counts = torch.bincount(t)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty(n, dtype=torch.long)
+    rank[grouped] = torch.arange(n) - starts[t[grouped]]  # position of each item within its class
+    return perm[torch.argsort(rank * n + torch.arange(n))].tolist()
+
+
 class _ImageDataModule(SplitLoaders, LightningDataModule):
-    """Train / validation (held out from train, or the test set when val_size=0) / test loaders."""
+    """Train / validation / test loaders.
+
+    Validation set:
+
+    * ``val_size > 0``: ``val_size`` training images held out at random (a permutation seeded by the
+      data module's own ``seed`` argument, default 0, not by ``seed_everything``, so runs with
+      different global seeds validate on the same images); training uses the rest (disjoint).
+      For CIFAR-10 with ``val_size=1000`` (the channel recipes; seed 0) that is 91-116 images per class.
+    * ``val_size == 0``: the whole test set, served in :func:`class_balanced_order` (seeded by
+      ``seed`` as well), so that the first N validation images, which is what ``limit_val_batches``
+      evaluates, are a class-balanced random sample; with the full set the metrics are unchanged.
+      (The JPEG copy of CIFAR-10 stores its test images sorted by class: before this order, the
+      first 1,000 were all airplanes.) The test loader still reads the test set in file order.
+    """
 
     def __init__(self, batch_size: int, eval_batch_size: int, val_size: int, num_workers: int, seed: int) -> None:
         super().__init__()
@@ -447,13 +480,13 @@ class _ImageDataModule(SplitLoaders, LightningDataModule):
         n = len(train_aug)
         if self.val_size >= n:
             raise ValueError(f"val_size={self.val_size} leaves no training data (train has {n})")
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
         if self.val_size:
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
             self.train_set = Subset(train_aug, perm[self.val_size:])
             self.val_set = Subset(train_plain, perm[:self.val_size])
         else:
-            self.train_set, self.val_set = train_aug, self.test_set
-
+            self.train_set = train_aug
+            self.val_set = Subset(self.test_set, class_balanced_order(self.test_set.targets, self.seed))
 
 
 class MNISTDataModule(_ImageDataModule):
@@ -461,7 +494,8 @@ class MNISTDataModule(_ImageDataModule):
 
     Args:
         root: folder with the IDX files; default <data folder>/mnist (see hypernetworks.data.root).
-        val_size: training images held out for validation (0: validate on the test set).
+        val_size: training images held out for validation, a random sample seeded by ``seed`` (0: validate
+            on the test set, in a class-balanced seeded order; see ``_ImageDataModule``).
         download: fetch missing files from the official mirrors into ``root`` (default on).
     """
 
@@ -496,9 +530,14 @@ class CIFAR10DataModule(_ImageDataModule):
 
     Args:
         root: folder with cifar-10-batches-py/ or cifar10_jpg.tar.gz; default <data folder>/cifar10.
+        val_size: training images held out for validation, a random sample seeded by ``seed`` (default 0:
+            validate on the test set, served in a class-balanced seeded order, so that the first N
+            images, e.g. ``limit_val_batches: 2`` of 500, hold every class evenly; see ``_ImageDataModule``).
         download: fetch the official python batches into ``root`` when neither is there (default on).
         cache_dir: where decoded JPEGs are cached (default $HYPERNETWORKS_CACHE or ~/.cache/hypernetworks).
         limit_per_class: read only this many images per class and split (for quick runs).
+        seed: seeds the validation split and order only (not ``seed_everything``), so it is the same
+            in every run unless set.
     """
 
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)

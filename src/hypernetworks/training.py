@@ -502,7 +502,9 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> HypernetworksCLI
     """Run (or, with ``run=False``, only build) the training command line.
 
     ``args`` defaults to ``sys.argv[1:]``. Missing dataset files or a missing ``--config`` file end
-    the program with one clear message on stderr and a non-zero exit (``SystemExit``), no traceback.
+    the program with one clear message on stderr and a non-zero exit (``SystemExit``), no traceback;
+    so does a run stopped by :class:`StopOnNonFinite` (its :class:`NonFiniteError` message, naming the
+    step, as one paragraph on stderr; exit status 1).
     Progress bars are on only when stdout and stderr are terminals (``--trainer.enable_progress_bar``
     overrides that).
     """
@@ -539,6 +541,9 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> HypernetworksCLI
 
         print(textwrap.fill(f"{prog}: {' '.join(str(e).split())}", width=100, break_long_words=False,
                             break_on_hyphens=False), file=sys.stderr)
+        raise SystemExit(1) from None
+    except NonFiniteError as e:
+        print(f"{prog}: {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(1) from None
     finally:
         sys.argv = saved

@@ -68,9 +68,22 @@ STUDIES: dict[str, dict] = {
         metric="test_bpc", val_metric="val_bpc", lower_is_better=True, unit="bpc",
         title="Character-level PTB, 128 units, 12-epoch cap (4-epoch runs continued by exact resume)",
         cells=[
-            Cell("lstm", "LSTM 128", "configs/study/ptb-long-lstm.yaml", (0,), ("ptb", "lstm")),
-            Cell("ln-hyperlstm", "LN HyperLSTM 128", "configs/study/ptb-long-ln-hyperlstm.yaml", (0, 1), ("ptb", "ln-hyperlstm")),
+            Cell("lstm", "LSTM 128", "configs/study/ptb-long-lstm.yaml", (0, 1), ("ptb", "lstm")),
+            Cell("lstm-wide", "LSTM 180 (LN HyperLSTM's parameter count)", "configs/study/ptb-long-lstm-wide.yaml", (0, 1, 2), ("ptb", "lstm-wide")),
             Cell("ln-lstm", "LN LSTM 128", "configs/study/ptb-long-ln-lstm.yaml", (0, 1), ("ptb", "ln-lstm")),
+            Cell("hyperlstm", "HyperLSTM 128", "configs/study/ptb-long-hyperlstm.yaml", (0, 1), ("ptb", "hyperlstm")),
+            Cell("ln-hyperlstm", "LN HyperLSTM 128", "configs/study/ptb-long-ln-hyperlstm.yaml", (0, 1, 2), ("ptb", "ln-hyperlstm")),
+        ]),
+    "ptb-plateau": dict(
+        metric="test_bpc", val_metric="val_bpc", lower_is_better=True, unit="bpc",
+        title="Character-level PTB, 128 units, to the plateau: 12-epoch runs continued by exact resume until "
+              "early stopping (1.5 epochs without a 0.002 improvement; 30-epoch cap)",
+        cells=[
+            Cell("lstm-wide", "LSTM 180 (LN HyperLSTM's parameter count)", "configs/study/ptb-plateau-lstm-wide.yaml", (0, 1, 2), ("ptb-long", "lstm-wide")),
+            Cell("hyperlstm", "HyperLSTM 128", "configs/study/ptb-plateau-hyperlstm.yaml", (0, 1), ("ptb-long", "hyperlstm")),
+            Cell("ln-hyperlstm", "LN HyperLSTM 128", "configs/study/ptb-plateau-ln-hyperlstm.yaml", (0, 1, 2), ("ptb-long", "ln-hyperlstm")),
+            Cell("ln-lstm", "LN LSTM 128", "configs/study/ptb-plateau-ln-lstm.yaml", (0, 1), ("ptb-long", "ln-lstm")),
+            Cell("lstm", "LSTM 128", "configs/study/ptb-plateau-lstm.yaml", (0, 1), ("ptb-long", "lstm")),
         ]),
     "mnist": dict(
         metric="test_error", val_metric="val_acc", lower_is_better=True, unit="error",
@@ -152,7 +165,15 @@ def run_one(study: str, cell: Cell, seed: int, runs_root: Path, results: Path, d
         fh.flush()
         rc = subprocess.call(fit, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
     info: dict = dict(study=study, cell=cell.key, label=cell.label, seed=seed, config=cell.config)
-    best = sorted((run_dir / "checkpoints").glob("best-*.ckpt"), key=lambda p: int(p.stem.split("=")[-1]))
+    def bests(d: Path) -> list[Path]:
+        return sorted((d / "checkpoints").glob("best-*.ckpt"), key=lambda p: int(p.stem.split("=")[-1]))
+
+    best = bests(run_dir)
+    if not best and cell.continues:
+        # no validation of the continuation beat the shorter run's best: that one is the best model
+        src_study, src_key = cell.continues
+        src = next(c for c in STUDIES[src_study]["cells"] if c.key == src_key)
+        best = bests(_run_dir(runs_root, src_study, src, seed))
     if rc != 0 or not best:
         tail = log.read_text().splitlines()[-15:]
         info.update(status="failed", returncode=rc, reason="\n".join(tail))
@@ -313,7 +334,7 @@ def cmd_report(a) -> int:
         if not (results / study).is_dir():
             continue
         text = f"## {STUDIES[study]['title']}\n\n{table(results, study)}"
-        if study == "ptb":
+        if study in ("ptb", "ptb-long", "ptb-plateau"):
             pairs = [("ln-hyperlstm", "hyperlstm"), ("hyperlstm", "lstm"), ("ln-hyperlstm", "lstm-wide"),
                      ("hyperlstm", "lstm-wide"), ("ln-hyperlstm", "ln-lstm")]
             text += "\n" + "\n".join(f"- {separation(results, study, x, y)}" for x, y in pairs) + "\n"

@@ -154,6 +154,48 @@ def _reset_peak_rss() -> None:
         pass
 
 
+def breakdown(names, size: dict, device: torch.device, repeats: int) -> None:
+    """Where a forward + backward's CPU time goes, per model (process CPU time, so meaningful on a
+    loaded machine with --threads 1), and what one per-step product achieves."""
+    import resource
+
+    x = make_input(size, device, False)
+    models = {n: build(n, size).to(device) for n in names}
+    rows: dict[str, list[tuple[float, ...]]] = {n: [] for n in names}
+    for r in range(repeats + 1):  # round 0 warms up (kernel build, prepared weights, allocator)
+        for n, m in models.items():
+            m.zero_grad(set_to_none=True)
+            u0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.process_time()
+            loss = m(x)[0].sum()
+            u1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.process_time()
+            loss.backward()
+            u2, t2 = resource.getrusage(resource.RUSAGE_SELF), time.process_time()
+            if r:
+                rows[n].append((t1 - t0, t2 - t1, u2.ru_minflt - u0.ru_minflt, u2.ru_stime - u0.ru_stime))
+    med = {n: [statistics.median(col) for col in zip(*v)] for n, v in rows.items()}
+    base = sum(med[names[0]][:2])
+    print(f"fwd+bwd breakdown, {', '.join(f'{k}={v}' for k, v in size.items())}; {torch.get_num_threads()} "
+          f"thread(s); process CPU time, median of {repeats}; load average {os.getloadavg()[0]:.1f}\n")
+    print("| model | forward (s) | backward (s) | total / first | minor page faults | system time (s) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for n in names:
+        f, b, faults, sys_s = med[n]
+        print(f"| {n} | {f:.3f} | {b:.3f} | {(f + b) / base:.2f}x | {faults:,.0f} | {sys_s:.3f} |")
+    B, H, Hh = size["batch"], size["hidden_size"], size["hyper_size"]
+    h = torch.randn(B, H, device=device)
+    print("\n| per-step product (B x H) @ (H x N) | N | ms | GFLOP/s |\n|---|---:|---:|---:|")
+    from hypernetworks.nn import _fused
+    for label, n_out in (("torch.nn.LSTM's W_hh", 4 * H), ("HyperLSTM's [W_h; W_hat_h]", 4 * H + 4 * Hh)):
+        w = _fused._step_weight(torch.randn(n_out, H, device=device), B, size["seq_len"])
+        for _ in range(3):
+            _fused._linear(h, w)
+        t = time.process_time()
+        for _ in range(20):
+            _fused._linear(h, w)
+        ms = (time.process_time() - t) / 20 * 1e3
+        print(f"| {label} | {n_out} | {ms:.2f} | {2 * B * H * n_out / ms / 1e6:.0f} |")
+
+
 def peak_memory_here(name: str, size: dict, device: torch.device, packed: bool = False) -> int:
     """Bytes of peak memory one forward+backward needs beyond what is resident before it."""
     x = make_input(size, device, packed)
@@ -202,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--labml-path", default="/tmp/labml", help="where labml-nn was pip-installed with --target")
     p.add_argument("--profile", default=None, choices=MODELS, metavar="MODEL",
                    help="print torch.profiler's table (self CPU time) of one forward+backward of MODEL and exit")
+    p.add_argument("--breakdown", action="store_true",
+                   help="per model: forward and backward CPU time, minor page faults and system time (the kernel "
+                        "zeroing fresh pages), and the throughput of the per-step product; then exit")
     p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
@@ -226,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
         top = [e for e in ops if e.cpu_parent is None or not e.cpu_parent.name.startswith(("aten::", "mkldnn::"))]
         print(f"\ntop-level PyTorch ops (views included) per time step, forward + backward: "
               f"{len(top) / size['seq_len']:.0f} (each a kernel launch or dispatch on a GPU)")
+        return 0
+
+    if args.breakdown:
+        breakdown(list(args.models or ("torch.nn.LSTM", "HyperLSTM", "LN HyperLSTM")), size, device,
+                  args.repeats or 5)
         return 0
 
     if args.memory_of:

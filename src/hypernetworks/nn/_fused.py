@@ -68,10 +68,22 @@ def _has_onednn_linear() -> bool:
 
 
 _ONEDNN = _has_onednn_linear()
+_REORDER = _ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def _step_weight(w: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """``w`` (N, K) for T per-step products ``_linear(a, w)`` with a (<= B, K): on CPU in float32,
+    reordered once into oneDNN's blocked layout, which each product otherwise does itself (~10%
+    of a step's product at the PTB size; the reorder costs about half of one product, so it only
+    pays off over several steps). The result is only for ``_linear``."""
+    if (T >= 4 and _ONEDNN and _REORDER and w.device.type == "cpu" and w.dtype == torch.float32
+            and not torch.is_grad_enabled()):
+        return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), B)
+    return w.contiguous()
 
 
 def _linear(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``a @ w.T`` for a (M, K), w (N, K)."""
+    """``a @ w.T`` for a (M, K), w (N, K) (or ``_step_weight(w)``)."""
     if _ONEDNN and a.device.type == "cpu" and a.dtype == torch.float32:
         return torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
     return torch.mm(a, w.t())
@@ -307,6 +319,7 @@ def _hyper_forward_kernels(lib, xw, xw_hat, h0, w_cat, w_hat_hh, z_weight, z_bia
     bias = xw.new_zeros(4 * H) if bias is None else bias.contiguous()  # the kernel always adds one
     hpre = xw.new_empty(B, hh_all.size(-1) * 4)
     pre = xw.new_empty(B, 4 * H)
+    w_cat = _step_weight(w_cat, B, T)
     h = h0
     for t in range(T):
         bt = B if batch_sizes is None else batch_sizes[t]
@@ -344,7 +357,7 @@ def _hyper_backward_kernels(lib, d_out, d_cT, d_hhT, d_chT, xw, h0, out, hh_all,
 
     dh, dc, dhh, dch = xw.new_zeros(B, H), start(d_cT, H), start(d_hhT, Hh), start(d_chT, Hh)
     d_out = None if d_out is None else d_out.contiguous()
-    w_cat_t = w_cat.t().contiguous()
+    w_cat_t = _step_weight(w_cat.t(), B, T)
     for t in range(T - 1, -1, -1):
         bt = B if batch_sizes is None else batch_sizes[t]
         k.cell_bwd(t, bt, dh, None if d_out is None else d_out[t], dc, main, norms, mask, dpre, grads)
@@ -405,9 +418,10 @@ class _HyperLSTMFunction(torch.autograd.Function):
             bd = _block_diagonal(d_weight)
             d_buf = xw.new_empty(3, B, 4 * H)  # per-step scratch, reused: fresh pages cost a fault each
             pre_buf = xw.new_empty(B, 4 * H)
+            w_step = _step_weight(w_cat, B, T)
         h = h0
         for t in range(T if lib is None else 0):
-            a = _linear(h, w_cat)                                 # (B, 4H + 4Hh)
+            a = _linear(h, w_step)                                 # (B, 4H + 4Hh)
             a_list.append(a)
             hyper_pre = torch.addmm(xw_hat[t] + a[:, 4 * H:], hh_all[t], w_hat_hh.t())
             hh = _update_forward(t, hyper_pre, hyp, hnorms, None if hmask is None else hmask[t], hyper_eps,
@@ -498,7 +512,7 @@ def _hyper_backward_torch(ctx, d_out, d_cT, d_hhT, d_chT, xw, h0, hh_all, z_all,
         dch = d_chT if d_chT is not None else zeros(Hh)
     else:  # each sequence's final-state gradient enters at its own last step (below)
         dc, dhh, dch = zeros(H), zeros(Hh), zeros(Hh)
-    w_cat_t = w_cat.t().contiguous()
+    w_cat_t = _step_weight(w_cat.t().contiguous(), B, T)
     for t in range(T - 1, -1, -1):
         if bs is not None:
             _enter_final_grads(t, bs, (dc, dhh, dch), (d_cT, d_hhT, d_chT))
@@ -571,15 +585,16 @@ class _LSTMFunction(torch.autograd.Function):
         lib = _kernels_for(xw)
         ctx.lib = lib
         h = h0
+        w_step = _step_weight(w_hh, B, T)
         if lib is not None:
             k = _Kernels(lib, xw)
             for t in range(T):
                 bt = B if batch_sizes is None else batch_sizes[t]
-                pre = _linear(h[:bt], w_hh)
+                pre = _linear(h[:bt], w_step)
                 k.cell_fwd(t, bt, pre, xw[t], None, sv, _contiguous(norms), eps, mask, out[t])
                 h = out[t]
         for t in range(T if lib is None else 0):
-            pre = _linear(h, w_hh)
+            pre = _linear(h, w_step)
             pre += xw[t]
             h = _update_forward(t, pre, sv, norms, None if mask is None else mask[t], eps, h_out=out[t])
             _end_finished_rows(out, t, batch_sizes)
@@ -598,7 +613,7 @@ class _LSTMFunction(torch.autograd.Function):
         d_xw = (out.new_empty if ctx.batch_sizes is None else out.new_zeros)(T, B, 4 * H)
         dh = out.new_zeros(B, H)
         dc = d_cT if d_cT is not None else out.new_zeros(B, H)
-        w_t = w_hh.t().contiguous()
+        w_t = _step_weight(w_hh.t(), B, T)
         if ctx.lib is not None:
             k = _Kernels(ctx.lib, out)
             dc = dc.clone(memory_format=torch.contiguous_format)  # updated in place

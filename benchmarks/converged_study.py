@@ -85,6 +85,14 @@ STUDIES: dict[str, dict] = {
             Cell("ln-lstm", "LN LSTM 128", "configs/study/ptb-plateau-ln-lstm.yaml", (0, 1), ("ptb-long", "ln-lstm")),
             Cell("lstm", "LSTM 128", "configs/study/ptb-plateau-lstm.yaml", (0, 1), ("ptb-long", "lstm")),
         ]),
+    "ptb-embedding-plateau": dict(
+        metric="test_bpc", val_metric="val_bpc", lower_is_better=True, unit="bpc",
+        title="Character-level PTB with a learned 64-d input embedding, to the plateau: 4-epoch runs continued "
+              "by exact resume until early stopping (30-epoch cap)",
+        cells=[
+            Cell("emb-ln-lstm", "LN LSTM 128, 64-d embedding", "configs/study/ptb-emb-plateau-ln-lstm.yaml", (0,), ("ptb-embedding", "emb-ln-lstm")),
+            Cell("emb-hyperlstm", "HyperLSTM 128, 64-d embedding", "configs/study/ptb-emb-plateau-hyperlstm.yaml", (0,), ("ptb-embedding", "emb-hyperlstm")),
+        ]),
     "mnist": dict(
         metric="test_error", val_metric="val_acc", lower_is_better=True, unit="error",
         title="MNIST, second conv layer generated vs plain, 8 epochs",

@@ -125,3 +125,17 @@ def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path):
         full_trainer.callback_metrics["val_bpc"].item(), rel=1e-5)
     # and the run really moved: the resumed weights differ from those of the step-4 checkpoint
     assert any(not torch.equal(mid["state_dict"][k], v) for k, v in resumed.state_dict().items())
+
+
+def test_last_checkpoint_is_the_latest_state_even_without_improvement(tmp_path):
+    """Lightning's save_last only rewrites last.ckpt when the monitored metric improves; ours
+    writes it at every validation, so --ckpt_path last resumes where training stopped."""
+    seed_everything(0)
+    dm = PydocTextDataModule(batch_size=4, seq_len=16, eval_batch_size=4)
+    task = LanguageModelTask(cell="lstm", hidden_size=8, lr=1e-30)  # updates below float32 resolution: no improvement after the first
+    trainer = make_trainer(tmp_path, LanguageModelTask, max_steps=8, val_check_interval=2, limit_val_batches=2,
+                           enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(task, datamodule=dm)
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("best-*.ckpt")) == ["best-step=2.ckpt"]
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 8

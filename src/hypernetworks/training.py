@@ -292,9 +292,23 @@ class TaskClassPath(Callback):
 
 class BestAndLastCheckpoint(ModelCheckpoint):
     """ModelCheckpoint that keeps ``last.ckpt`` and the best by ``monitor``; if the monitored
-    metric is never logged it warns once and keeps only ``last.ckpt`` instead of failing the run."""
+    metric is never logged it warns once and keeps only ``last.ckpt`` instead of failing the run.
+
+    ``last.ckpt`` is written at every checkpoint opportunity (each validation), not only when the
+    monitored metric improves as Lightning's ``save_last=True`` does: otherwise ``--ckpt_path last``
+    would go back to the last improvement and redo (or, after a crash, lose) every step since."""
 
     _warned = False
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_skip_saving_checkpoint(trainer) and not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))  # no top-k save this time
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if not self._should_skip_saving_checkpoint(trainer) and self._should_save_on_train_epoch_end(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)

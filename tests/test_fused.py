@@ -381,3 +381,64 @@ print(len(msgs)); print(msgs[0])
     count, message = res.stdout.strip().splitlines()[-2:]
     assert count == "1" and "/nonexistent/g++" in message
     assert not list(tmp_path.rglob("*.so"))
+
+
+# -- reused work buffers (CPU) -------------------------------------------------------------------
+def _slots(m) -> dict[str, int]:
+    return {tag: len(v) for cell in m.cells for tag, v in _fused._WORKSPACES.get(cell, {}).items()}
+
+
+def _grads(m):
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in m.parameters()]
+
+
+@pytest.mark.parametrize("kind", ["hyper", "lstm"])
+def test_work_buffers_are_reused_and_change_nothing(kind, monkeypatch):
+    """Three calls in a row (varying lengths, a packed batch among them) reuse one set of work
+    buffers, and every output, state and gradient is bitwise what fresh buffers give."""
+    torch.manual_seed(20)
+    m = make(kind, layer_norm=True, num_layers=2, recurrent_dropout=0.2)
+    inputs = [torch.randn(T, B, I, dtype=torch.double), _packed([3, 5, 1, 5, 2]),
+              torch.randn(T + 2, B, I, dtype=torch.double), _packed([2, 4, 4])]
+    results = {}
+    for pool in ("0", "1"):
+        monkeypatch.setenv("HYPERNETWORKS_WORKSPACE", pool)
+        results[pool] = []
+        for k, x in enumerate(inputs):
+            torch.manual_seed(30 + k)
+            results[pool].append(run_packed(m, x, True) if isinstance(x, torch.nn.utils.rnn.PackedSequence)
+                                 else run(m, x, None, True))
+    for a, b in zip(results["0"], results["1"], strict=True):
+        assert_same(a, b, tol=0)
+    slots = _slots(m)
+    assert slots and set(slots.values()) == {1}  # one buffer per tag served all four calls
+
+
+@pytest.mark.parametrize("kind", ["hyper", "lstm"])
+def test_work_buffers_of_live_graphs_are_never_reused(kind, monkeypatch):
+    """Three graphs alive at once (gradient accumulation), then a retained graph backpropagated
+    twice with another forward in between: the same gradients as with fresh buffers."""
+    torch.manual_seed(21)
+    m = make(kind, layer_norm=True)
+    xs = [torch.randn(T, B, I, dtype=torch.double) for _ in range(4)]
+
+    def scenario():
+        m.zero_grad(set_to_none=True)
+        outs = [m(x)[0] for x in xs[:3]]  # three graphs: two pooled buffer sets, the third fresh
+        sum((k + 1) * (o * o).sum() for k, o in enumerate(outs)).backward()
+        first = _grads(m)
+        m.zero_grad(set_to_none=True)
+        loss = m(xs[3])[0].pow(2).sum()
+        loss.backward(retain_graph=True)
+        m(xs[0])[0].sum().backward()  # a forward + backward while the retained graph holds its buffers
+        loss.backward()
+        return first + _grads(m)
+
+    monkeypatch.setenv("HYPERNETWORKS_WORKSPACE", "0")
+    expected = scenario()
+    monkeypatch.setenv("HYPERNETWORKS_WORKSPACE", "1")
+    for _ in range(2):
+        got = scenario()
+        for g, h in zip(expected, got, strict=True):
+            torch.testing.assert_close(g, h, rtol=0, atol=0)
+    assert max(_slots(m).values()) == 2

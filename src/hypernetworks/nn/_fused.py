@@ -37,6 +37,7 @@ Activity recording always uses ``step``.
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 
 import torch
@@ -93,16 +94,19 @@ def _linear(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 class _Saved:
     """Per-sequence buffers for one LSTM (main or hyper) in the fused loop."""
 
-    def __init__(self, T: int, B: int, S: int, like: torch.Tensor, layer_norm: bool):
-        self.act = like.new_empty(T, B, 4 * S)       # sigmoid(i), tanh(g), sigmoid(f), sigmoid(o)
-        self.c = like.new_empty(T + 1, B, S)         # c_0 .. c_T
+    def __init__(self, T: int, B: int, S: int, like: torch.Tensor, layer_norm: bool,
+                 ws: "_Workspace | None" = None, tag: str = "", zero: bool = False):
+        ws = ws or _Workspace(None, like)
+        alloc = lambda name, *shape: ws.alloc(tag + name, shape, zero)  # noqa: E731
+        self.act = alloc("act", T, B, 4 * S)         # sigmoid(i), tanh(g), sigmoid(f), sigmoid(o)
+        self.c = alloc("c", T + 1, B, S)             # c_0 .. c_T
         self.ln = layer_norm
         if layer_norm:
-            self.gx = like.new_empty(T, B, 4, S)     # normalised gate pre-activations
-            self.grstd = like.new_empty(T, B, 4, 1)
-            self.cmean = like.new_empty(T, B, 1)
-            self.crstd = like.new_empty(T, B, 1)
-            self.tc = like.new_empty(T, B, S)        # tanh(LN(c))
+            self.gx = alloc("gx", T, B, 4, S)        # normalised gate pre-activations
+            self.grstd = alloc("grstd", T, B, 4, 1)
+            self.cmean = alloc("cmean", T, B, 1)
+            self.crstd = alloc("crstd", T, B, 1)
+            self.tc = alloc("tc", T, B, S)           # tanh(LN(c))
 
     def tensors(self) -> list[torch.Tensor]:
         out = [self.act, self.c]
@@ -226,6 +230,62 @@ def _dropout_masks(cells_rates, T: int, B: int, like: torch.Tensor):
 _PREPARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+# -- reusable work buffers ----------------------------------------------------------------------
+# The fused loops' intermediates (gate activations, cells, layer-norm statistics, the hyper LSTM's
+# states, d(a)) are hundreds of MB at the paper's size. Fresh buffers of that size come from mmap
+# every call, and the kernel then zeroes every page at its first touch: ~0.1 to 0.3 s of system time
+# per forward + backward at the PTB size. On CPU they are therefore kept per cell and reused once
+# nothing refers to them any more: the pool hands out views, so a buffer is free exactly when the
+# only references to its storage are the pool's own tensor and the check's (saved tensors, views
+# and results keep it busy; backward releases the saved ones). Busy buffers mean a fresh one.
+_WORKSPACES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_WORKSPACE_LOCK = threading.Lock()
+_WORKSPACE_SLOTS = 2  # per tag: e.g. two graphs alive at once (gradient accumulation); more go unpooled
+_CAN_POOL = hasattr(torch._C, "_storage_Use_Count")
+
+
+def _storage_refs(t: torch.Tensor) -> int:
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+class _Workspace:
+    """Buffers of one cell's fused calls (``alloc``), or plain fresh tensors when ``owner`` is None,
+    off CPU, or when this torch has no storage use count."""
+
+    def __init__(self, owner, like: torch.Tensor):
+        self.like = like
+        self.pool = None
+        if owner is not None and _CAN_POOL and like.device.type == "cpu" and os.environ.get(
+                "HYPERNETWORKS_WORKSPACE", "1") != "0":
+            with _WORKSPACE_LOCK:
+                self.pool = _WORKSPACES.setdefault(owner, {})
+
+    def alloc(self, tag: str, shape, zero: bool = False) -> torch.Tensor:
+        like, shape = self.like, tuple(shape)
+        if self.pool is None:
+            return like.new_zeros(shape) if zero else like.new_empty(shape)
+        n = 1
+        for k in shape:
+            n *= k
+        with _WORKSPACE_LOCK:
+            slots = self.pool.setdefault(tag, [])
+            out = None
+            for i, base in enumerate(slots):
+                if _storage_refs(base) != 2:  # busy
+                    continue
+                if base.dtype != like.dtype or base.numel() < n:
+                    slots[i] = base = like.new_empty(max(n, base.numel() if base.dtype == like.dtype else 0))
+                out = base[:n].view(shape)
+                break
+            if out is None:
+                if len(slots) >= _WORKSPACE_SLOTS:
+                    return like.new_zeros(shape) if zero else like.new_empty(shape)
+                base = like.new_empty(n)
+                slots.append(base)
+                out = base[:n].view(shape)
+        return out.zero_() if zero else out
+
+
 def _prepared(cell, name: str, params, build):
     """``build()`` (weights derived from ``params``: concatenated, permuted), cached on the cell
     while autograd is off and the parameters are unchanged (same storage, same in-place version
@@ -335,7 +395,7 @@ def _hyper_forward_kernels(lib, xw, xw_hat, h0, w_cat, w_hat_hh, z_weight, z_bia
 
 def _hyper_backward_kernels(lib, d_out, d_cT, d_hhT, d_chT, xw, h0, out, hh_all, z_all, w_cat, w_hat_hh,
                             z_weight, d_weight, norms, hnorms, mask, hmask, main, hyp, a_list, grads, hgrads,
-                            has_bias, batch_sizes):
+                            has_bias, batch_sizes, ws):
     """The backward loop of _HyperLSTMFunction with the per-step elementwise work in the kernels.
     Rows past ``batch_sizes[t]`` are untouched at step t, so the gradients of the final states
     enter each sequence's buffers at its own last step."""
@@ -343,10 +403,10 @@ def _hyper_backward_kernels(lib, d_out, d_cT, d_hhT, d_chT, xw, h0, out, hh_all,
     T, B = xw.shape[:2]
     H, Hh, Nz = h0.size(-1), hh_all.size(-1), d_weight.size(-1)
     norms, hnorms = _contiguous(norms), _contiguous(hnorms)
-    alloc = torch.empty if batch_sizes is None else torch.zeros  # padded rows enter the weight GEMMs
-    d_xw = alloc(xw.shape, dtype=xw.dtype, device=xw.device)
-    d_a = alloc((T, B, 4 * H + 4 * Hh), dtype=xw.dtype, device=xw.device)
-    d_z = alloc(z_all.shape, dtype=xw.dtype, device=xw.device)
+    packed = batch_sizes is not None  # padded rows enter the weight GEMMs
+    d_xw = (xw.new_zeros if packed else xw.new_empty)(xw.shape)  # returned: never a work buffer
+    d_a = ws.alloc("d_a", (T, B, 4 * H + 4 * Hh), zero=packed)
+    d_z = ws.alloc("d_z", z_all.shape, zero=packed)
     wd_t = d_weight.transpose(-1, -2).contiguous()
     g_wd = torch.zeros_like(wd_t)
     g_bias = xw.new_zeros(4 * H) if has_bias else None
@@ -391,21 +451,22 @@ def _block_diagonal(d_weight: torch.Tensor) -> torch.Tensor:
 class _HyperLSTMFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xw, xw_hat, h0, c0, hh0, ch0, w_cat, w_hat_hh, z_weight, z_bias, d_weight, bias,
-                gw, gb, cw, cb, hgw, hgb, hcw, hcb, mask, hmask, eps, hyper_eps, batch_sizes=None):
+                gw, gb, cw, cb, hgw, hgb, hcw, hcb, mask, hmask, eps, hyper_eps, batch_sizes=None, owner=None):
         T, B = xw.shape[:2]
         H, Hh = h0.size(-1), hh0.size(-1)
         Nz = d_weight.size(-1)
         n = 4 * Nz
         ln = gw is not None
-        main = _Saved(T, B, H, xw, ln)
-        hyp = _Saved(T, B, Hh, xw, ln)
+        ws = ctx.ws = _Workspace(owner, xw)
+        main = _Saved(T, B, H, xw, ln, ws, "main.")
+        hyp = _Saved(T, B, Hh, xw, ln, ws, "hyper.")
         main.c[0] = c0
         hyp.c[0] = ch0
-        alloc = xw.new_empty if batch_sizes is None else xw.new_zeros  # padded rows stay 0 (outputs, GEMMs)
-        out = alloc(T, B, H)
-        hh_all = alloc(T + 1, B, Hh)
+        packed = batch_sizes is not None  # padded rows stay 0 (outputs, GEMMs)
+        out = (xw.new_zeros if packed else xw.new_empty)(T, B, H)  # returned: never a work buffer
+        hh_all = ws.alloc("hh_all", (T + 1, B, Hh), zero=packed)
         hh_all[0] = hh0
-        z_all = alloc(T, B, 3 * n)
+        z_all = ws.alloc("z_all", (T, B, 3 * n), zero=packed)
         norms, hnorms = (gw, gb, cw, cb), (hgw, hgb, hcw, hcb)
         a_list = []  # h_{t-1} @ [W_h; W_hat_h]^T per step, kept for d(d_h) in backward
         lib = _kernels_for(xw)
@@ -467,7 +528,7 @@ class _HyperLSTMFunction(torch.autograd.Function):
             d_xw, d_a, d_z, dh, dc, dhh, dch, g_dw, g_bias = _hyper_backward_kernels(
                 ctx.lib, d_out, d_cT, d_hhT, d_chT, xw, h0, out, hh_all, z_all, w_cat, w_hat_hh, z_weight,
                 d_weight, norms, hnorms, mask, hmask, main, hyp, a_list, grads, hgrads, ctx.has_bias,
-                ctx.batch_sizes)
+                ctx.batch_sizes, ctx.ws)
         else:
             d_xw, d_a, d_z, dh, dc, dhh, dch, g_dw, g_bias = _hyper_backward_torch(
                 ctx, *_packed_grads(ctx.batch_sizes, d_out, d_cT, d_hhT, d_chT), xw, h0, hh_all, z_all, w_cat, w_hat_hh, z_weight, d_weight,
@@ -482,8 +543,8 @@ class _HyperLSTMFunction(torch.autograd.Function):
         g_zb = d_z[:, :, :2 * n].sum((0, 1))
         ln_g = (grads.get("gw"), grads.get("gb"), grads.get("cw"), grads.get("cb"),
                 hgrads.get("gw"), hgrads.get("gb"), hgrads.get("cw"), hgrads.get("cb"))
-        return (d_xw, d_xw_hat, dh, dc, dhh, dch, g_cat, g_hat_hh, g_zw, g_zb, g_dw, g_bias,
-                *ln_g, None, None, None, None, None)
+        return (d_xw, d_xw_hat.clone(), dh, dc, dhh, dch, g_cat, g_hat_hh, g_zw, g_zb, g_dw, g_bias,
+                *ln_g, None, None, None, None, None, None)
 
 
 def _hyper_backward_torch(ctx, d_out, d_cT, d_hhT, d_chT, xw, h0, hh_all, z_all, w_cat, w_hat_hh, z_weight,
@@ -493,8 +554,8 @@ def _hyper_backward_torch(ctx, d_out, d_cT, d_hhT, d_chT, xw, h0, hh_all, z_all,
     H, Hh, Nz = h0.size(-1), hh_all.size(-1), d_weight.size(-1)
     n = 4 * Nz
     d_xw = torch.empty_like(xw)                      # (T, B, 4H)
-    d_a = xw.new_empty(T, B, 4 * H + 4 * Hh)         # grads of h_{t-1} @ w_cat^T; hyper part = d xw_hat
-    d_z = torch.empty_like(z_all)
+    d_a = ctx.ws.alloc("d_a", (T, B, 4 * H + 4 * Hh))  # grads of h_{t-1} @ w_cat^T; hyper part = d xw_hat
+    d_z = ctx.ws.alloc("d_z", z_all.shape)
     bd = _block_diagonal(d_weight)
     bd_t = bd.transpose(1, 2)
     g_bd = torch.zeros_like(bd)
@@ -567,18 +628,18 @@ def hyper_lstm_sequence(cell, x: torch.Tensor, state, batch_sizes=None, row_orde
     sc = cell.scaling
     out, cT, hhT, chT = _HyperLSTMFunction.apply(
         xw, xw_hat, h0, c0, hh0, ch0, w_cat, hyper.weight_hh, sc.z_weight, sc.z_bias, sc.d_weight, sc.bias,
-        *norms, *hnorms, mask, hmask, _eps(cell), _eps(hyper), batch_sizes)
+        *norms, *hnorms, mask, hmask, _eps(cell), _eps(hyper), batch_sizes, cell)
     return out, (_final_h(out, batch_sizes), cT, hhT, chT)
 
 
 # -- the LSTM layer ----------------------------------------------------------------------------
 class _LSTMFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xw, h0, c0, w_hh, gw, gb, cw, cb, mask, eps, batch_sizes=None):
+    def forward(ctx, xw, h0, c0, w_hh, gw, gb, cw, cb, mask, eps, batch_sizes=None, owner=None):
         T, B = xw.shape[:2]
         H = h0.size(-1)
         ln = gw is not None
-        sv = _Saved(T, B, H, xw, ln)
+        sv = _Saved(T, B, H, xw, ln, _Workspace(owner, xw), "lstm.")
         sv.c[0] = c0
         out = (xw.new_empty if batch_sizes is None else xw.new_zeros)(T, B, H)
         norms = (gw, gb, cw, cb)
@@ -641,7 +702,7 @@ class _LSTMFunction(torch.autograd.Function):
         if T > 1:
             g_hh.addmm_(d_xw[1:].reshape((T - 1) * B, 4 * H).t(), out[:-1].reshape((T - 1) * B, H))
         return (d_xw, dh, dc, g_hh, grads.get("gw"), grads.get("gb"), grads.get("cw"), grads.get("cb"),
-                None, None, None)
+                None, None, None, None)
 
 
 def lstm_sequence(cell, x: torch.Tensor, state, batch_sizes=None, row_order=None):
@@ -657,7 +718,8 @@ def lstm_sequence(cell, x: torch.Tensor, state, batch_sizes=None, row_order=None
     (mask,) = _reorder(_dropout_masks([(H, rd)], T, B, x), row_order)
     xw = cell.input_projection(x).contiguous()
     h0, c0 = h0.contiguous(), c0.contiguous()
-    out, cT = _LSTMFunction.apply(xw, h0, c0, cell.weight_hh, *_norm_params(cell), mask, _eps(cell), batch_sizes)
+    out, cT = _LSTMFunction.apply(xw, h0, c0, cell.weight_hh, *_norm_params(cell), mask, _eps(cell), batch_sizes,
+                                  cell)
     return out, (_final_h(out, batch_sizes), cT)
 
 

@@ -27,6 +27,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import textwrap
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -330,7 +331,7 @@ def curves(results: Path, study: str, out: Path) -> Path:
     axes[1].set_xlabel("training wall time (min, one torch thread, shared 2-core CPU)")
     axes[0].set_ylabel(f"validation {vm.split('_', 1)[1]}")
     axes[0].legend(fontsize=8)
-    fig.suptitle(spec["title"] + " (one thin line per seed)")
+    fig.suptitle(textwrap.fill(spec["title"] + " (one thin line per seed)", 120), fontsize=10)
     fig.tight_layout()
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"study-{study}.png"

@@ -47,54 +47,41 @@ class Cell:
     continues: tuple[str, str] | None = None
 
 
+def _continued(src: str, cells: list[Cell], config) -> list[Cell]:
+    """The same cells and seeds, each continuing its run of study ``src`` under ``config(key)``: the
+    same recipe with a later epoch cap."""
+    return [dataclasses.replace(c, config=config(c.key), continues=(src, c.key)) for c in cells]
+
+
 # Seeds: >= 3 for the widened LSTM and the LN HyperLSTM, >= 2 for the others (issue 9).
+PTB_CELLS = [
+    Cell("lstm", "LSTM 128", "configs/study/ptb-lstm.yaml", (0, 1)),
+    Cell("lstm-wide", "LSTM 180 (LN HyperLSTM's parameter count)", "configs/study/ptb-lstm-wide.yaml", (0, 1, 2)),
+    Cell("ln-lstm", "LN LSTM 128", "configs/study/ptb-ln-lstm.yaml", (0, 1)),
+    Cell("hyperlstm", "HyperLSTM 128", "configs/study/ptb-hyperlstm.yaml", (0, 1)),
+    Cell("ln-hyperlstm", "LN HyperLSTM 128", "configs/study/ptb-ln-hyperlstm.yaml", (0, 1, 2)),
+]
+EMB_CELLS = [
+    Cell("emb-ln-lstm", "LN LSTM 128, 64-d embedding", "configs/study/ptb-emb-ln-lstm.yaml", (0,)),
+    Cell("emb-hyperlstm", "HyperLSTM 128, 64-d embedding", "configs/study/ptb-emb-hyperlstm.yaml", (0,)),
+]
+_BPC = dict(metric="test_bpc", val_metric="val_bpc", lower_is_better=True, unit="bpc")
 STUDIES: dict[str, dict] = {
-    "ptb": dict(
-        metric="test_bpc", val_metric="val_bpc", lower_is_better=True, unit="bpc",
-        title="Character-level PTB, 128 units, 4-epoch cap",
-        cells=[
-            Cell("lstm", "LSTM 128", "configs/study/ptb-lstm.yaml", (0, 1)),
-            Cell("lstm-wide", "LSTM 180 (LN HyperLSTM's parameter count)", "configs/study/ptb-lstm-wide.yaml", (0, 1, 2)),
-            Cell("ln-lstm", "LN LSTM 128", "configs/study/ptb-ln-lstm.yaml", (0, 1)),
-            Cell("hyperlstm", "HyperLSTM 128", "configs/study/ptb-hyperlstm.yaml", (0, 1)),
-            Cell("ln-hyperlstm", "LN HyperLSTM 128", "configs/study/ptb-ln-hyperlstm.yaml", (0, 1, 2)),
-        ]),
-    "ptb-embedding": dict(
-        metric="test_bpc", val_metric="val_bpc", lower_is_better=True, unit="bpc",
-        title="Character-level PTB with a learned 64-d input embedding, 4-epoch cap",
-        cells=[
-            Cell("emb-ln-lstm", "LN LSTM 128, 64-d embedding", "configs/study/ptb-emb-ln-lstm.yaml", (0,)),
-            Cell("emb-hyperlstm", "HyperLSTM 128, 64-d embedding", "configs/study/ptb-emb-hyperlstm.yaml", (0,)),
-        ]),
+    "ptb": dict(_BPC, title="Character-level PTB, 128 units, 4-epoch cap", cells=PTB_CELLS),
+    "ptb-embedding": dict(_BPC, title="Character-level PTB with a learned 64-d input embedding, 4-epoch cap",
+                          cells=EMB_CELLS),
     "ptb-long": dict(
-        metric="test_bpc", val_metric="val_bpc", lower_is_better=True, unit="bpc",
-        title="Character-level PTB, 128 units, 12-epoch cap (4-epoch runs continued by exact resume)",
-        cells=[
-            Cell("lstm", "LSTM 128", "configs/study/ptb-long-lstm.yaml", (0, 1), ("ptb", "lstm")),
-            Cell("lstm-wide", "LSTM 180 (LN HyperLSTM's parameter count)", "configs/study/ptb-long-lstm-wide.yaml", (0, 1, 2), ("ptb", "lstm-wide")),
-            Cell("ln-lstm", "LN LSTM 128", "configs/study/ptb-long-ln-lstm.yaml", (0, 1), ("ptb", "ln-lstm")),
-            Cell("hyperlstm", "HyperLSTM 128", "configs/study/ptb-long-hyperlstm.yaml", (0, 1), ("ptb", "hyperlstm")),
-            Cell("ln-hyperlstm", "LN HyperLSTM 128", "configs/study/ptb-long-ln-hyperlstm.yaml", (0, 1, 2), ("ptb", "ln-hyperlstm")),
-        ]),
+        _BPC, title="Character-level PTB, 128 units, 12-epoch cap (4-epoch runs continued by exact resume)",
+        cells=_continued("ptb", PTB_CELLS, lambda k: f"configs/study/ptb-long-{k}.yaml")),
     "ptb-plateau": dict(
-        metric="test_bpc", val_metric="val_bpc", lower_is_better=True, unit="bpc",
-        title="Character-level PTB, 128 units, to the plateau: 12-epoch runs continued by exact resume until "
-              "early stopping (1.5 epochs without a 0.002 improvement; 30-epoch cap)",
-        cells=[
-            Cell("lstm", "LSTM 128", "configs/study/ptb-plateau-lstm.yaml", (0, 1), ("ptb-long", "lstm")),
-            Cell("lstm-wide", "LSTM 180 (LN HyperLSTM's parameter count)", "configs/study/ptb-plateau-lstm-wide.yaml", (0, 1, 2), ("ptb-long", "lstm-wide")),
-            Cell("ln-lstm", "LN LSTM 128", "configs/study/ptb-plateau-ln-lstm.yaml", (0, 1), ("ptb-long", "ln-lstm")),
-            Cell("hyperlstm", "HyperLSTM 128", "configs/study/ptb-plateau-hyperlstm.yaml", (0, 1), ("ptb-long", "hyperlstm")),
-            Cell("ln-hyperlstm", "LN HyperLSTM 128", "configs/study/ptb-plateau-ln-hyperlstm.yaml", (0, 1, 2), ("ptb-long", "ln-hyperlstm")),
-        ]),
+        _BPC, title="Character-level PTB, 128 units, to the plateau: 12-epoch runs continued by exact resume until "
+                    "early stopping (1.5 epochs without a 0.002 improvement; 30-epoch cap)",
+        cells=_continued("ptb-long", PTB_CELLS, lambda k: f"configs/study/ptb-plateau-{k}.yaml")),
     "ptb-embedding-plateau": dict(
-        metric="test_bpc", val_metric="val_bpc", lower_is_better=True, unit="bpc",
-        title="Character-level PTB with a learned 64-d input embedding, to the plateau: 4-epoch runs continued "
-              "by exact resume until early stopping (30-epoch cap)",
-        cells=[
-            Cell("emb-ln-lstm", "LN LSTM 128, 64-d embedding", "configs/study/ptb-emb-plateau-ln-lstm.yaml", (0,), ("ptb-embedding", "emb-ln-lstm")),
-            Cell("emb-hyperlstm", "HyperLSTM 128, 64-d embedding", "configs/study/ptb-emb-plateau-hyperlstm.yaml", (0,), ("ptb-embedding", "emb-hyperlstm")),
-        ]),
+        _BPC, title="Character-level PTB with a learned 64-d input embedding, to the plateau: 4-epoch runs "
+                    "continued by exact resume until early stopping (30-epoch cap)",
+        cells=_continued("ptb-embedding", EMB_CELLS,
+                         lambda k: f"configs/study/ptb-emb-plateau-{k.removeprefix('emb-')}.yaml")),
     "mnist": dict(
         metric="test_error", val_metric="val_acc", lower_is_better=True, unit="error",
         title="MNIST, second conv layer generated vs plain, 8 epochs",

@@ -57,8 +57,8 @@ def _continued(src: str, cells: list[Cell], config) -> list[Cell]:
 PTB_CELLS = [
     Cell("lstm", "LSTM 128", "configs/study/ptb-lstm.yaml", (0, 1)),
     Cell("lstm-wide", "LSTM 180 (LN HyperLSTM's parameter count)", "configs/study/ptb-lstm-wide.yaml", (0, 1, 2)),
-    Cell("ln-lstm", "LN LSTM 128", "configs/study/ptb-ln-lstm.yaml", (0, 1)),
-    Cell("hyperlstm", "HyperLSTM 128", "configs/study/ptb-hyperlstm.yaml", (0, 1)),
+    Cell("ln-lstm", "LN LSTM 128", "configs/study/ptb-ln-lstm.yaml", (0, 1, 2)),
+    Cell("hyperlstm", "HyperLSTM 128", "configs/study/ptb-hyperlstm.yaml", (0, 1, 2)),
     Cell("ln-hyperlstm", "LN HyperLSTM 128", "configs/study/ptb-ln-hyperlstm.yaml", (0, 1, 2)),
 ]
 EMB_CELLS = [

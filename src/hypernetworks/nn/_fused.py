@@ -95,9 +95,9 @@ class _Saved:
     """Per-sequence buffers for one LSTM (main or hyper) in the fused loop."""
 
     def __init__(self, T: int, B: int, S: int, like: torch.Tensor, layer_norm: bool,
-                 ws: "_Workspace | None" = None, tag: str = "", zero: bool = False):
+                 ws: "_Workspace | None" = None, tag: str = ""):
         ws = ws or _Workspace(None, like)
-        alloc = lambda name, *shape: ws.alloc(tag + name, shape, zero)  # noqa: E731
+        alloc = lambda name, *shape: ws.alloc(tag + name, shape)  # noqa: E731
         self.act = alloc("act", T, B, 4 * S)         # sigmoid(i), tanh(g), sigmoid(f), sigmoid(o)
         self.c = alloc("c", T + 1, B, S)             # c_0 .. c_T
         self.ln = layer_norm

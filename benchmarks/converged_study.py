@@ -82,6 +82,14 @@ STUDIES: dict[str, dict] = {
                     "continued by exact resume until early stopping (30-epoch cap)",
         cells=_continued("ptb-embedding", EMB_CELLS,
                          lambda k: f"configs/study/ptb-emb-plateau-{k.removeprefix('emb-')}.yaml")),
+    # The plain LSTMs' plateau under ptb-plateau's schedule (rate halved at every validation without a
+    # 0.002 gain) came at rates of 1e-5; this study trains from scratch with patience 2 and a 1e-4 floor
+    "ptb-schedule": dict(
+        _BPC, title="Character-level PTB, 128 units, schedule check: from scratch, learning rate halved after 3 "
+                    "validations without a 0.002 improvement (floor 1e-4), early stopping after 3 epochs "
+                    "without one (30-epoch cap)",
+        cells=[dataclasses.replace(c, config=f"configs/study/ptb-schedule-{c.key}.yaml", seeds=(0, 1, 2))
+               for c in PTB_CELLS if c.key in ("lstm", "lstm-wide", "hyperlstm")]),
     "mnist": dict(
         metric="test_error", val_metric="val_acc", lower_is_better=True, unit="error",
         title="MNIST, second conv layer generated vs plain, 8 epochs",

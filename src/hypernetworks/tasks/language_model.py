@@ -72,13 +72,15 @@ class LanguageModelTask(LightningModule):
                  layer_dropout: float | None = None, hyper_recurrent_dropout: float | None = None,
                  z_input: str = "current", layer_norm_eps: float = 1e-5, layer_norm_bias: bool = True,
                  input_init: str | None = None, lr: float = 1e-3, weight_decay: float = 0.0, lr_plateau_factor: float | None = None,
-                 lr_plateau_patience: int = 0, lr_plateau_threshold: float = 0.0,
+                 lr_plateau_patience: int = 0, lr_plateau_threshold: float = 0.0, lr_min: float = 0.0,
                  vocab: list[str] | None = None) -> None:
         super().__init__()
         if not lr > 0:
             raise ValueError(f"lr must be positive; got {lr!r}")
         if lr_plateau_factor is not None and not 0 < lr_plateau_factor < 1:
             raise ValueError(f"lr_plateau_factor must be in (0, 1) or None; got {lr_plateau_factor!r}")
+        if not 0 <= lr_min <= lr:
+            raise ValueError(f"lr_min must be in [0, lr]; got {lr_min!r} with lr {lr!r}")
         if lr_plateau_patience < 0 or lr_plateau_threshold < 0:
             raise ValueError("lr_plateau_patience and lr_plateau_threshold must be >= 0; got "
                              f"{lr_plateau_patience!r}, {lr_plateau_threshold!r}")
@@ -137,7 +139,7 @@ class LanguageModelTask(LightningModule):
             self._plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 opt, mode="min", factor=self.hparams.lr_plateau_factor,
                 patience=self.hparams.lr_plateau_patience, threshold=self.hparams.lr_plateau_threshold,
-                threshold_mode="abs")
+                threshold_mode="abs", min_lr=self.hparams.get("lr_min", 0.0))
             if self._pending_plateau_state is not None:
                 self._plateau.load_state_dict(self._pending_plateau_state)
                 self._pending_plateau_state = None

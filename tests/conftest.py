@@ -1,5 +1,11 @@
-"""Shared test fixtures. Real datasets are read from ../shared/data (beside the checkout);
-tests that need one are skipped with a clear reason when it is absent."""
+"""Shared test fixtures. Tests that need a real dataset read it from the data folder, as users do
+(``hypernetworks.data.root``): ``$HYPERNETWORKS_DATA`` when set, else a ``shared/data`` folder beside
+the checkout when there is one (the CI machine's layout), else the per-user data folder. Run them with
+
+    HYPERNETWORKS_DATA=/path/to/data .venv/bin/python -m pytest -q
+
+Without the files such a test is skipped with a reason that names the missing path; tests never
+download."""
 from __future__ import annotations
 
 import os
@@ -10,8 +16,16 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 # The tests read the real datasets through the same data folder mechanism as users
-# (hypernetworks.data.root): $HYPERNETWORKS_DATA, pointed at ../shared/data unless already set.
-os.environ.setdefault("HYPERNETWORKS_DATA", str(REPO.parent / "shared" / "data"))
+# (hypernetworks.data.root). When $HYPERNETWORKS_DATA is unset it is set here: to a shared/data
+# folder beside the checkout if that exists, else to the per-user data folder.
+if not os.environ.get("HYPERNETWORKS_DATA"):
+    _beside = REPO.parent / "shared" / "data"
+    if _beside.is_dir():
+        os.environ["HYPERNETWORKS_DATA"] = str(_beside)
+    else:
+        from hypernetworks.data.root import data_root
+
+        os.environ["HYPERNETWORKS_DATA"] = str(data_root())
 SHARED_DATA = Path(os.environ["HYPERNETWORKS_DATA"])
 
 # The test models are tiny: intra-op threads only add synchronisation (measured up to 20x
@@ -21,9 +35,10 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """Path to ../shared/data; skips the test when the folder is missing."""
+    """The data folder; skips the test when the folder is missing."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"real datasets not found at {SHARED_DATA} (set HYPERNETWORKS_DATA)")
+        pytest.skip(f"needs the real datasets, and there is no data folder at {SHARED_DATA}; run with "
+                    "HYPERNETWORKS_DATA=/path/to/data (README, Testing)")
     return SHARED_DATA
 
 
@@ -48,5 +63,6 @@ def _no_downloads(monkeypatch):
 
 def require_file(path: Path) -> Path:
     if not path.exists():
-        pytest.skip(f"dataset file not found: {path}")
+        pytest.skip(f"needs the dataset file {path}, which is not in the data folder; point "
+                    "HYPERNETWORKS_DATA at a folder that has it (README, Testing)")
     return path

@@ -18,7 +18,8 @@ def step_path(request, monkeypatch):
     implementation (what CUDA and machines without a compiler run)."""
     if request.param == "kernels":
         if _kernels.library() is None:
-            pytest.skip(f"compiled kernels unavailable: {_kernels._state.get('why')}")
+            pytest.skip(f"the compiled step kernels are not available here ({_kernels._state.get('why')}); "
+                        "the PyTorch-op variant of this test still runs")
     else:
         monkeypatch.setattr(_kernels, "_state", {"lib": None, "why": "test: PyTorch-op path"})
     return request.param
@@ -326,10 +327,10 @@ def test_single_steps_without_grad_use_fused_path_and_track_weight_updates(kind,
 # -- building the kernels ------------------------------------------------------------------------
 def test_kernel_build_is_cached(tmp_path, monkeypatch, step_path):
     if step_path != "kernels":
-        pytest.skip("path-independent")
+        pytest.skip("concerns only the compiled step kernels, so it runs once, in the kernels variant, and not again in the PyTorch-op variant")
     cxx = _kernels._compiler()
     if cxx is None:
-        pytest.skip("no C++ compiler")
+        pytest.skip("no C++ compiler found (install g++ or set CXX) to test the kernel build")
     monkeypatch.setenv("HYPERNETWORKS_CACHE", str(tmp_path))
     first = _kernels._build(cxx)
     assert first.is_relative_to(tmp_path) and first.exists()
@@ -342,7 +343,7 @@ def test_kernel_build_is_cached(tmp_path, monkeypatch, step_path):
 
 def test_no_compiler_means_no_kernels(monkeypatch, step_path):
     if step_path != "kernels":
-        pytest.skip("path-independent")
+        pytest.skip("concerns only the compiled step kernels, so it runs once, in the kernels variant, and not again in the PyTorch-op variant")
     monkeypatch.setenv("CXX", "/nonexistent/g++")
     assert _kernels._compiler() is None
     monkeypatch.delenv("CXX")
@@ -354,7 +355,7 @@ def test_fallback_without_compiler_warns_once_and_matches(tmp_path, step_path):
     """A fresh process whose compiler is missing (CXX names a program that does not exist, empty
     cache): ONE warning, then the PyTorch-op fused path, with the same results as eager."""
     if step_path != "kernels":
-        pytest.skip("path-independent")
+        pytest.skip("concerns only the compiled step kernels, so it runs once, in the kernels variant, and not again in the PyTorch-op variant")
     import os
     import subprocess
     import sys

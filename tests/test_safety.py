@@ -204,7 +204,7 @@ def test_issue_payload_runs_nothing_through_any_command(tmp_path, capsys, comman
 
 
 def test_issue_payload_runs_nothing_through_the_demo_server(tmp_path):
-    pytest.importorskip("fastapi")
+    pytest.importorskip("fastapi", reason="the demo server needs fastapi, a dependency of this package (pip install -e .)")
     from fastapi.testclient import TestClient
 
     from hypernetworks.serve.server import make_app
@@ -324,7 +324,8 @@ def test_cli_lr_1e30_stops_at_step_1_or_2_nonzero_exit_no_best(tmp_path, shared_
 
     real = shared_data / "ptb"
     if not (real / "ptb.char.train.txt").is_file():
-        pytest.skip(f"PTB not found in {real}")
+        pytest.skip(f"needs the PTB character files in {real}; point HYPERNETWORKS_DATA at a data folder "
+                    "that has ptb/ (README, Testing)")
     # the same recipe on the first 20,000 characters of the real training split (validation and test:
     # its first 4,000, so that their characters are in the vocabulary): read in a moment
     ptb = tmp_path / "ptb"
@@ -473,7 +474,8 @@ def test_damaged_gz_of_multi30k_names_the_file(tmp_path, shared_data):
 
     src = shared_data / "multi30k_en_fr" / "val.en.gz"
     if not src.is_file():
-        pytest.skip(f"{src} not found")
+        pytest.skip(f"needs the Multi30k file {src}; point HYPERNETWORKS_DATA at a data folder that has it "
+                    "(README, Testing)")
     causes = set()
     size = src.stat().st_size
     for k, offset in enumerate(range(size // 8, size * 7 // 8, size // 8)):  # damage at several places

@@ -41,7 +41,7 @@ def _train(args: list[str]) -> None:
 @pytest.fixture(scope="module")
 def browser():
     if not CHROMIUM.exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+        pytest.skip(f"the browser test needs Chromium, not found at {CHROMIUM} (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
@@ -94,7 +94,8 @@ def handwriting_server(browser, tmp_path_factory, shared_data):
     """A tiny handwriting HyperLSTM (4 IAM-OnDB lines) behind a live server."""
     npz = shared_data / "iam_ondb" / "iam_ondb_linestrokes.npz"
     if not npz.exists():
-        pytest.skip(f"dataset file not found: {npz}")
+        pytest.skip(f"needs the IAM-OnDB file {npz}; point HYPERNETWORKS_DATA at a data folder that has it "
+                    "(README, Testing)")
     root = tmp_path_factory.mktemp("runs")
     _train(["--config", str(REPO / "configs" / "iam-hyperlstm-900.yaml"), "--runs_root", str(root),
             "--run_name", "handwriting", "--data.path", str(npz), "--data.batch_size", "2",

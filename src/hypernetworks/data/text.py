@@ -345,7 +345,7 @@ class PTBCharDataModule(CharStreamDataModule):
 
 class Enwik8DataModule(CharStreamDataModule):
     """enwik8 as bytes (90M/5M/5M). ``path`` is ``enwik8``/``enwik8.zip`` or a stand-in file split
-    90/5/5 by the same protocol (e.g. the Wikipedia XML excerpt in ../shared/data/wikipedia_xml_gensim).
+    90/5/5 by the same protocol (e.g. the 6 MB Wikipedia XML excerpt in gensim's test data).
     Default: ``<data folder>/enwik8/enwik8.zip`` (hypernetworks.data.root), downloaded there (36 MB)
     from the Hutter prize page when missing; ``download=False`` never goes online."""
 

@@ -4,7 +4,8 @@
     python benchmarks/static_speed.py --device cuda --batch 128
 
 One step = forward, cross-entropy, backward, Adam update, on a batch of real CIFAR-10 test images
-(../shared/data/cifar10; random images if it is absent). The models are timed in interleaved rounds
+(<data folder>/cifar10, the data folder being $HYPERNETWORKS_DATA or the per-user default;
+random images if it is absent). The models are timed in interleaved rounds
 (so that load from other processes hits all of them alike) and the median step time is reported:
 
 - WRN 40-k: the conventional net;

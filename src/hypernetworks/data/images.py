@@ -2,11 +2,11 @@
 plain-torch transforms and LightningDataModules.
 
 Sources, in the order they are looked for under ``root``:
-- MNIST: the four IDX files (``train-images-idx3-ubyte[.gz]`` ...), e.g. ../shared/data/mnist;
+- MNIST: the four IDX files (``train-images-idx3-ubyte[.gz]`` ...), e.g. <data folder>/mnist;
   ``download=True`` fetches the official files and checks their MD5.
 - CIFAR-10: the official python batches (``cifar-10-batches-py/``; ``download=True`` fetches and
   checks ``cifar-10-python.tar.gz``), or else a JPEG tarball ``cifar10_jpg.tar.gz`` holding
-  ``{train,test}/<class>/NNNN.jpg`` (../shared/data/cifar10). Decoding 60k JPEGs takes a while,
+  ``{train,test}/<class>/NNNN.jpg`` (e.g. <data folder>/cifar10). Decoding 60k JPEGs takes a while,
   so the decoded uint8 arrays are cached as .npy files in ``cache_dir`` (default
   $HYPERNETWORKS_CACHE or ~/.cache/hypernetworks), never next to the read-only source.
 

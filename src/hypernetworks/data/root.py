@@ -2,7 +2,7 @@
 
 The data folder is ``$HYPERNETWORKS_DATA`` when that is set, else the per-user data directory
 ``$XDG_DATA_HOME/hypernetworks`` (``~/.local/share/hypernetworks`` when ``XDG_DATA_HOME`` is unset).
-Each dataset has its own subfolder, the layout of this project's ``../shared/data``::
+Each dataset has its own subfolder::
 
     <data folder>/ptb/ptb.char.{train,valid,test}.txt
     <data folder>/mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]

@@ -107,7 +107,7 @@ def load_npz(path: str | Path, min_points: int = 2) -> StrokeLines:
     if not path.is_file():
         raise StrokeDataError(
             f"{path}: IAM-OnDB stroke file not found (expected the repacked iam_ondb_linestrokes.npz; "
-            "see ../shared/data/README.md, or pass xml_root= for the original lineStrokes/ascii layout)"
+            "see docs/handwriting.md, or pass xml_root= for the original lineStrokes/ascii layout)"
         )
     try:
         with np.load(path, allow_pickle=False) as z:

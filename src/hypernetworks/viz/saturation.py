@@ -3,7 +3,7 @@ states c_t (last layer) while a model reads a passage, for several models side b
 (e.g. LSTM, LN LSTM, HyperLSTM), as one PNG.
 
     python -m hypernetworks.viz.saturation runs/ptb-small-{lstm,ln-lstm,hyperlstm}/checkpoints/last.ckpt \\
-        --text-file ../shared/data/ptb/ptb.valid.txt --chars 2000 --out runs/saturation.png
+        --text-file /path/to/data/ptb/ptb.valid.txt --chars 2000 --out runs/saturation.png
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Converged-at-CPU-scale study (issue 9): run the paper's comparisons to a plateau, keep a small
+"""Converged-at-CPU-scale study: run the paper's comparisons to a plateau, keep a small
 record of every run under ``results/``, and rebuild the tables and learning-curve pictures from
 those records alone.
 
@@ -53,7 +53,7 @@ def _continued(src: str, cells: list[Cell], config) -> list[Cell]:
     return [dataclasses.replace(c, config=config(c.key), continues=(src, c.key)) for c in cells]
 
 
-# Seeds: >= 3 for the widened LSTM and the LN HyperLSTM, >= 2 for the others (issue 9).
+# Seeds: >= 3 for the widened LSTM and the LN HyperLSTM, >= 2 for the others.
 PTB_CELLS = [
     Cell("lstm", "LSTM 128", "configs/study/ptb-lstm.yaml", (0, 1)),
     Cell("lstm-wide", "LSTM 180 (LN HyperLSTM's parameter count)", "configs/study/ptb-lstm-wide.yaml", (0, 1, 2)),

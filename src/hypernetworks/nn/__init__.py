@@ -7,14 +7,14 @@ __all__: list[str] = [
     "HyperLSTM", "HyperLSTMCell", "HyperRNN", "HyperRNNCell", "WeightScaling", "LSTM", "LSTMCell",
     "build_recurrent", "gate_change_intensity", "CELL_KINDS", "GATES",
 ]
-from hypernetworks.nn.static import (  # noqa: E402  (static hypernetworks for CNNs, issue 3)
+from hypernetworks.nn.static import (  # noqa: E402  (static hypernetworks for CNNs)
     HyperConv2d, KernelGenerator, batched_kernels, generate_kernels, materialise, parameter_report,
 )
 __all__ += ["KernelGenerator", "HyperConv2d", "batched_kernels", "generate_kernels", "materialise",
             "parameter_report"]
-from hypernetworks.nn.hyperize import hyperize  # noqa: E402  (any model's layers generated, issue 10)
+from hypernetworks.nn.hyperize import hyperize  # noqa: E402  (any model's layers generated)
 __all__ += ["hyperize"]
-from hypernetworks.nn.channels import (  # noqa: E402  (channel-adaptive first layers, issue 11)
+from hypernetworks.nn.channels import (  # noqa: E402  (channel-adaptive first layers)
     ChannelHyperPatchEmbed, channel_subsets, sample_channels,
 )
 __all__ += ["ChannelHyperPatchEmbed", "sample_channels", "channel_subsets"]

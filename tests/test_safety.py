@@ -14,6 +14,7 @@ import inspect
 import io
 import os
 import pkgutil
+import re
 import tarfile
 import threading
 import time
@@ -164,14 +165,15 @@ def test_issue_payload_runs_nothing_through_load_task(tmp_path, where):
 
 
 @pytest.mark.parametrize("where", ["dict", "string"])
-def test_issue_payload_runs_nothing_through_fit_ckpt_path(tmp_path, where):
+def test_issue_payload_runs_nothing_through_fit_ckpt_path(tmp_path, where, capsys):
     """LightningCLI rebuilds the model settings from a local --ckpt_path file through jsonargparse,
     which built subprocess.Popen from this file before the check (verified by hand)."""
     marker = tmp_path / "pwned"
     ckpt = _payload_checkpoint(tmp_path / "payload.ckpt", marker, where=where)
-    with pytest.raises(CheckpointError, match=r"payload\.ckpt.*subprocess\.Popen"):
+    with pytest.raises(SystemExit):
         run_cli(["fit", "--config", str(REPO / "configs/pydoc-lstm.yaml"), "--runs_root", str(tmp_path / "runs"),
                  "--trainer.max_steps", "1", "--trainer.enable_progress_bar", "false", "--ckpt_path", str(ckpt)])
+    assert re.search(r"payload\.ckpt.*subprocess\.Popen", " ".join(capsys.readouterr().err.split()))
     assert not _ran(marker)
 
 
@@ -240,7 +242,7 @@ class _UserTask(LanguageModelTask):
     pass
 
 
-def test_pickle_checkpoint_over_http_is_refused_everywhere(tmp_path, http_folder):
+def test_pickle_checkpoint_over_http_is_refused_everywhere(tmp_path, http_folder, capsys):
     www, base = http_folder
     marker = tmp_path / "pwned"
     torch.save({"state_dict": {}, "x": _Evil(f"touch {marker}")}, www / "evil.ckpt")
@@ -252,12 +254,16 @@ def test_pickle_checkpoint_over_http_is_refused_everywhere(tmp_path, http_folder
         AtomicCheckpointIO().load_checkpoint(url)
     with pytest.raises(ValueError, match="weights_only=True only"):
         AtomicCheckpointIO().load_checkpoint(url, weights_only=False)
-    # the command line: `hypernetworks fit ... --ckpt_path http://...`
-    with pytest.raises(ValueError, match="evil.ckpt"):
+    # the command line: `hypernetworks fit ... --ckpt_path http://...`: one paragraph, exit 1
+    with pytest.raises(SystemExit) as exit_:
         run_cli(["fit", "--config", str(REPO / "configs/pydoc-lstm.yaml"), "--runs_root", str(tmp_path / "runs"),
                  "--model.init_args.hidden_size", "8", "--data.init_args.batch_size", "2",
                  "--data.init_args.seq_len", "8", "--trainer.max_steps", "1", "--trainer.enable_progress_bar",
                  "false", "--trainer.enable_model_summary", "false", "--ckpt_path", url])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "evil.ckpt" in err and "Traceback" not in err
+    assert not (tmp_path / "runs" / "pydoc-lstm").exists()  # nothing trained, no run folder left
     assert not _ran(marker)
 
 

@@ -4,14 +4,22 @@
     hypernetworks demo | sample | params | kernels | activity | serve | translate  [--help]
 
 Training subcommands go to Lightning's CLI (hypernetworks.training); the others are small
-argparse programs in hypernetworks.commands, imported only when called.
+argparse programs in hypernetworks.commands, imported only when called. This module imports
+neither torch nor Lightning, so ``hypernetworks --help`` answers at once.
 """
 from __future__ import annotations
 
 import importlib
 import sys
 
-LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+# name -> one-line help (also the description of that subcommand's --help, hypernetworks.training)
+TRAINING_COMMANDS: dict[str, str] = {
+    "fit": "train a recipe (--config configs/NAME.yaml); --ckpt_path last resumes",
+    "validate": "score a checkpoint (--ckpt_path) on the recipe's validation split",
+    "test": "score a checkpoint (--ckpt_path) on the recipe's test split",
+    "predict": "Lightning's predict loop over a data module's predict split",
+}
+LIGHTNING_SUBCOMMANDS = tuple(TRAINING_COMMANDS)
 
 # name -> (module with main(argv) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -27,11 +35,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _usage() -> str:
-    lines = ["usage: hypernetworks <command> [options]", "", "training (Lightning CLI, --config recipe.yaml):"]
-    lines += [f"  {c}" for c in LIGHTNING_SUBCOMMANDS]
+    width = max(map(len, [*TRAINING_COMMANDS, *COMMANDS])) + 2
+    lines = ["usage: hypernetworks <command> [options]     (hypernetworks <command> --help: its options)",
+             "", "training (Lightning CLI: --config RECIPE.yaml [--key VALUE ...]):"]
+    lines += [f"  {name:<{width}}{help_}" for name, help_ in TRAINING_COMMANDS.items()]
     lines += ["", "other commands:"]
-    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "datasets are read from $HYPERNETWORKS_DATA, else ~/.local/share/hypernetworks (see README)"]
+    lines += [f"  {name:<{width}}{help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Datasets are read from $HYPERNETWORKS_DATA, else ~/.local/share/hypernetworks (see README)."]
     return "\n".join(lines)
 
 
@@ -50,7 +60,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hypernetworks: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[cmd][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except Exception as e:  # a damaged file, a full disk, bad settings: one paragraph, no traceback
+        from hypernetworks._errors import debug, paragraph, user_message
+
+        message = user_message(e)
+        if message is None or debug():
+            raise
+        print(paragraph(f"hypernetworks {cmd}", message), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

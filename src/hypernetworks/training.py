@@ -33,6 +33,7 @@ the metric of the "best" checkpoint; a metric that is never logged only disables
 """
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import math
@@ -52,8 +53,8 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
-from hypernetworks.checkpoints import (CheckpointError, build_from_settings, check_settings, read_checkpoint,
-                                       resolve_trusted_class)
+from hypernetworks.checkpoints import (CheckpointError, build_from_settings, check_settings, check_weights_fit,
+                                      checkpoint_settings, read_checkpoint, resolve_trusted_class)
 
 try:  # POSIX: write locks tell live temporary checkpoint files from those of killed writes
     import fcntl
@@ -106,9 +107,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                     os.replace(tmp, path)
             if fcntl is None:  # Windows cannot rename an open file
                 os.replace(tmp, path)
-        except BaseException:
+        except BaseException as e:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+            from hypernetworks._errors import disk_full
+
+            if isinstance(e, Exception) and disk_full(e) is not None:  # named, not buried in torch's zip writer error
+                raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
             raise
 
     def load_checkpoint(self, path, map_location: Any = lambda storage, loc: storage,
@@ -394,15 +399,17 @@ class HypernetworksCLI(LightningCLI):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        from hypernetworks.data.root import DataNotFoundError
-
         try:
             super().__init__(*args, **kwargs)
-        except DataNotFoundError:
-            if getattr(self, "_new_run_dir", False) and self.run_dir.is_dir():
+        except Exception:
+            # a run folder this invocation created, with nothing trained into it (no checkpoint), is
+            # removed again: missing data, a refused checkpoint, bad settings leave nothing behind
+            run_dir = getattr(self, "run_dir", None)
+            if getattr(self, "_new_run_dir", False) and run_dir is not None and run_dir.is_dir() \
+                    and not any(run_dir.rglob("*.ckpt")):
                 import shutil
 
-                shutil.rmtree(self.run_dir, ignore_errors=True)
+                shutil.rmtree(run_dir, ignore_errors=True)
             raise
 
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
@@ -430,18 +437,57 @@ class HypernetworksCLI(LightningCLI):
         self._check_data()
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI rebuilds the model settings from a local --ckpt_path file's saved
-        # hyperparameters through jsonargparse, which builds any class spec in them: the file is
-        # checked first like every checkpoint (CRC, no pickle, allow-list; hypernetworks.checkpoints)
+        # LightningCLI feeds a local --ckpt_path file's saved settings back through jsonargparse,
+        # which decodes strings (JSON escapes, YAML tags) into class specs and builds them, and lets
+        # the file's task class replace the recipe's. Here the file is read like every checkpoint
+        # (CRC, no pickle), its settings are data checked against the recipe's task signature
+        # (hypernetworks.checkpoints.checkpoint_settings), a file of another task class is refused,
+        # and instantiate_classes rebuilds the task with them by the project's own code.
+        self._ckpt_settings = None
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
-        if ckpt_path and Path(ckpt_path).is_file():
-            hparams = dict(read_checkpoint(ckpt_path).get("hyper_parameters") or {})
-            hparams.pop("_instantiator", None)
-            class_path = hparams.pop("_class_path", None)
-            check_settings({"class_path": class_path, "init_args": hparams} if class_path else hparams,
-                           str(ckpt_path), where="model")
-        super()._parse_ckpt_path()
+        if not (ckpt_path and Path(ckpt_path).is_file()):
+            return  # "last", "best", URLs: only their weights and state are read, at fit/test time
+        source = str(ckpt_path)
+        ckpt = read_checkpoint(ckpt_path)
+        hparams = ckpt.get("hyper_parameters") or {}
+        if not isinstance(hparams, dict):
+            raise CheckpointError(f"{source}: 'hyper_parameters' is a {type(hparams).__name__}, not a dict")
+        hparams = dict(hparams)
+        saved_class = hparams.pop("_class_path", None) or ckpt.get(TASK_CLASS_KEY)
+        hparams.pop("_instantiator", None)
+        check_settings({"class_path": saved_class, "init_args": hparams} if saved_class else hparams, source,
+                       where="model")
+        model_cfg = self.config[sub].get("model")
+        recipe_class = getattr(model_cfg, "class_path", None) if model_cfg is not None else None
+        if saved_class and recipe_class and saved_class != recipe_class:
+            raise CheckpointError(f"{source} is a checkpoint of {saved_class}, but the recipe trains {recipe_class}; "
+                                  "use the recipe that wrote it (its run folder holds config.yaml)")
+        if not recipe_class or not hparams:
+            return
+        self._ckpt_settings = checkpoint_settings(_import_class(recipe_class), hparams, source)
+        self._ckpt_source = source
+        self._ckpt_weights = ckpt.get("state_dict") or {}
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        settings = getattr(self, "_ckpt_settings", None)
+        if not settings:
+            return
+        current = dict(getattr(self.model, "hparams", {}) or {})
+        changed = {k: v for k, v in settings.items() if k not in current or current[k] != v}
+        weights, self._ckpt_weights = self._ckpt_weights, None  # the trainer loads them again itself
+        if not changed:
+            return
+        cls, source = type(self.model), self._ckpt_source
+        merged = {**current, **settings}
+        check_weights_fit(cls, merged, weights, source)
+        self.model = build_from_settings(cls, merged, source=source)
+        # config.yaml of the run (written at setup from self.config) says what was built
+        init_args = getattr(self.config[self.subcommand].model, "init_args", None)
+        if init_args is not None:
+            for k, v in changed.items():
+                init_args[k] = v
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run_name", type=str | None, default=None,
@@ -515,17 +561,18 @@ def _missing_config_message(path: str) -> str:
 def run_cli(args: list[str] | None = None, run: bool = True) -> HypernetworksCLI:
     """Run (or, with ``run=False``, only build) the training command line.
 
-    ``args`` defaults to ``sys.argv[1:]``. Missing dataset files or a missing ``--config`` file end
-    the program with one clear message on stderr and a non-zero exit (``SystemExit``), no traceback;
-    so does a run stopped by :class:`StopOnNonFinite` (its :class:`NonFiniteError` message, naming the
-    step, as one paragraph on stderr; exit status 1).
+    ``args`` defaults to ``sys.argv[1:]``. Missing dataset files, a missing ``--config`` file, a
+    refused or damaged checkpoint, a damaged data file, bad saved settings and a full disk end the
+    program with one paragraph on stderr and a non-zero exit (``SystemExit``), no traceback
+    (``HYPERNETWORKS_DEBUG=1`` shows it; see :mod:`hypernetworks._errors`); so does a run stopped by
+    :class:`StopOnNonFinite` (its :class:`NonFiniteError` message, naming the step; exit status 1).
     Progress bars are on only when stdout and stderr are terminals (``--trainer.enable_progress_bar``
     overrides that).
     """
     import sys
 
     from hypernetworks._console import interactive, quiet_lightning_tips
-    from hypernetworks.data.root import DataNotFoundError
+    from hypernetworks._errors import debug, paragraph, user_message
 
     argv = list(sys.argv[1:] if args is None else args)
     prog = f"hypernetworks {argv[0]}" if argv and not argv[0].startswith("-") else "hypernetworks"
@@ -550,14 +597,14 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> HypernetworksCLI
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"enable_progress_bar": interactive()},
         )
-    except DataNotFoundError as e:
-        import textwrap
-
-        print(textwrap.fill(f"{prog}: {' '.join(str(e).split())}", width=100, break_long_words=False,
-                            break_on_hyphens=False), file=sys.stderr)
-        raise SystemExit(1) from None
     except NonFiniteError as e:
         print(f"{prog}: {' '.join(str(e).split())}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except Exception as e:
+        message = user_message(e)
+        if message is None or debug():
+            raise
+        print(paragraph(prog, message), file=sys.stderr)
         raise SystemExit(1) from None
     finally:
         sys.argv = saved
@@ -605,7 +652,20 @@ def load_task(checkpoint_path: str | os.PathLike, map_location: Any = "cpu", *,
     cls = resolve_trusted_class(class_path, trusted, name)
     if not (isinstance(cls, type) and issubclass(cls, LightningModule)):
         raise CheckpointError(f"{class_path!r} from {name} is not a LightningModule")
-    task = build_from_settings(cls, hparams, source=name, trusted=trusted)
-    task.on_load_checkpoint(ckpt)
-    task.load_state_dict(ckpt["state_dict"])
+    state_dict = ckpt["state_dict"]
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"{name}: 'state_dict' is a {type(state_dict).__name__}, not a dict")
+    settings = checkpoint_settings(cls, hparams, name, trusted)
+    check_weights_fit(cls, settings, state_dict, name, trusted)
+    try:
+        task = build_from_settings(cls, settings, source=name, trusted=trusted)
+        task.on_load_checkpoint(ckpt)
+        task.load_state_dict(state_dict)
+    except CheckpointError:
+        raise
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
+        # the settings or weights of a damaged or foreign file, found while building: one paragraph
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{name}: its saved settings and weights do not load into {cls.__name__}: "
+                              f"{type(e).__name__}: {first[:300]}") from None
     return task.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()

@@ -262,3 +262,19 @@ def test_full_disk_names_the_path_and_no_space_left(tmp_path, monkeypatch):
     from hypernetworks._errors import user_message
 
     assert user_message(err.value).startswith(f"no space left on device while writing {target}")
+
+
+def test_damaged_data_file_is_one_paragraph_and_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
+    """A PTB char file that is the word-level file (a real mix-up): the reader's error, one paragraph."""
+    root = tmp_path / "data" / "ptb"
+    root.mkdir(parents=True)
+    for split in ("train", "valid", "test"):
+        (root / f"ptb.char.{split}.txt").write_text("the cat sat on the mat\n")  # words, not characters
+    monkeypatch.setenv("HYPERNETWORKS_DATA", str(tmp_path / "data"))
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(["fit", "--config", str(REPO / "configs/ptb-small-lstm.yaml"), "--runs_root", str(tmp_path / "runs"),
+                 "--trainer.max_steps", "1", "--trainer.enable_progress_bar", "false"])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "ptb.char.train.txt" in err and "Traceback" not in err and len(err.strip().splitlines()) <= 5
+    assert not (tmp_path / "runs" / "ptb-small-lstm").exists()

@@ -389,6 +389,16 @@ def make_trainer(
     )
 
 
+def _plain_help(format_help: Any) -> Any:
+    """``--help`` as plain text: Lightning's docstrings bring reST markup (````"auto"````, :class:`X`)."""
+
+    def plain() -> str:
+        text = re.sub(r":(?:class|func|meth|attr|mod|obj):`~?([^`]+)`", r"\1", format_help())
+        return re.sub(r"``([^`]*)``", r"\1", text)
+
+    return plain
+
+
 class HypernetworksCLI(LightningCLI):
     """LightningCLI plus run directory, default loggers/checkpoints and atomic checkpoint writes.
 
@@ -416,8 +426,13 @@ class HypernetworksCLI(LightningCLI):
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
         # argparse prints the usage before every error; the generated one lists every option (~50 lines)
         self.parser.usage = "%(prog)s {fit,validate,test,predict} --config RECIPE.yaml [--key VALUE ...]"
-        for sub in getattr(self, "_subcommand_parsers", {}).values():
+        from hypernetworks.cli import TRAINING_COMMANDS
+
+        for name, sub in getattr(self, "_subcommand_parsers", {}).items():
             sub.usage = "%(prog)s --config RECIPE.yaml [--key VALUE ...]"
+            if name in TRAINING_COMMANDS:
+                sub.description = TRAINING_COMMANDS[name][:1].upper() + TRAINING_COMMANDS[name][1:] + "."
+            sub.format_help = _plain_help(sub.format_help)
 
     def _check_data(self) -> None:
         check = getattr(self.datamodule, "check_data", None)

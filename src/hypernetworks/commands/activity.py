@@ -12,17 +12,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hypernetworks.commands import description
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hypernetworks activity", description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint")
+    p = argparse.ArgumentParser(prog="hypernetworks activity", description=description(__doc__))
+    p.add_argument("checkpoint", help="a char LM .ckpt with a HyperLSTM (hypernetworks fit or demo)")
     p.add_argument("--out", default=None, help="output folder (default: the checkpoint's run directory)")
     p.add_argument("--stem", default="activity", help="file name stem (default activity)")
     p.add_argument("--text", default=None, help="read this text instead of sampling")
     p.add_argument("--length", type=int, default=400, help="sampled characters (default 400)")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prime", default="")
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature of the sampling (default 0.8)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--prime", default="", help="text the model reads before sampling (default none)")
     return p
 
 

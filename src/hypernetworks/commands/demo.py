@@ -20,9 +20,11 @@ import time
 import warnings
 from pathlib import Path
 
+from hypernetworks.commands import description
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hypernetworks demo", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="hypernetworks demo", description=description(__doc__),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=1000, help="training steps per model (default 1000)")
     p.add_argument("--hidden-size", type=int, default=128, help="main LSTM units of both models (default 128)")
@@ -30,10 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding-size", type=int, default=4, help="N_z of the HyperLSTM (default 4)")
     p.add_argument("--embedding-dim", type=int, default=0,
                    help="learned input embedding size for both models (default 0: one-hot input, as in the paper)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per training batch (default 32)")
+    p.add_argument("--seq-len", type=int, default=64, help="characters per training sequence (default 64)")
+    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 3e-3)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of both models' initialisation and data order (default 0)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: small recurrent models gain nothing from more)")
     p.add_argument("--run-dir", default="runs/demo", help="where checkpoints, logs and pictures go")

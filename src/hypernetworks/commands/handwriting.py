@@ -11,19 +11,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hypernetworks.commands import description
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hypernetworks handwriting", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="hypernetworks handwriting", description=description(__doc__))
     p.add_argument("checkpoint", help="a checkpoint of hypernetworks.tasks.handwriting.HandwritingTask")
     p.add_argument("--out", default="handwriting", help="output prefix (default: %(default)s)")
     p.add_argument("--length", type=int, default=700, help="pen steps per sample (default: %(default)s)")
     p.add_argument("--bias", type=float, default=None,
                    help="Graves' sampling bias, >= 0 (default: the checkpoint's sample_bias)")
-    p.add_argument("--temperature", type=float, default=1.0, help="> 0 (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, > 0 (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first sample; sample k uses seed + k")
     p.add_argument("--num", type=int, default=1, help="number of samples (default: %(default)s)")
     p.add_argument("--gates", action="store_true", help="colour pen steps by per-gate weight-change intensity")
-    p.add_argument("--format", choices=("svg", "png", "both"), default="both")
+    p.add_argument("--format", choices=("svg", "png", "both"), default="both",
+                   help="files to write per sample (default: %(default)s)")
     return p
 
 

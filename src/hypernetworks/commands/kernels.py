@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from hypernetworks.nn.static import generated_weights
 from hypernetworks.viz.kernels import save_kernel_grid
+from hypernetworks.commands import description
 
 
 def collect_kernels(model: nn.Module) -> tuple[list[tuple[str, torch.Tensor]], bool]:
@@ -40,7 +41,7 @@ def _layer_selection(spec: str, n: int) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="hypernetworks kernels", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="hypernetworks kernels", description=description(__doc__))
     p.add_argument("--checkpoint", required=True, help="a checkpoint of an image classifier")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--layers", default="all", help="'all' or indices such as 0,1,12 (in model order)")

@@ -11,15 +11,17 @@ import argparse
 import json
 import sys
 
+from hypernetworks.commands import description
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hypernetworks sample", description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", help="a .ckpt written by `hypernetworks fit` or `hypernetworks demo`")
+    p = argparse.ArgumentParser(prog="hypernetworks sample", description=description(__doc__))
+    p.add_argument("checkpoint", help="a .ckpt written by hypernetworks fit or hypernetworks demo")
     p.add_argument("--length", type=int, default=300, help="steps to generate (default 300)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1.0)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed; same seed, same text (default 0)")
     p.add_argument("--prime", default="", help="text the model reads before generating")
-    p.add_argument("--json", action="store_true", help="print demo_generate's JSON (with gate intensities)")
+    p.add_argument("--json", action="store_true", help="print the JSON the demo page gets (text and per-gate intensities)")
     return p
 
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hypernetworks.commands import description
+
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="hypernetworks translate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="hypernetworks translate", description=description(__doc__))
     p.add_argument("--checkpoint", required=True, help="a TranslationTask checkpoint (.ckpt)")
     p.add_argument("--beam", type=int, default=5, help="beam size; 1 = greedy (default 5)")
     p.add_argument("--batch-size", type=int, default=32, help="sentences decoded together (default 32)")

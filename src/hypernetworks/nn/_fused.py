@@ -36,6 +36,7 @@ Activity recording always uses ``step``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import weakref
@@ -55,7 +56,8 @@ def fused_enabled(cell, x: torch.Tensor) -> bool:
     without autograd (sampling, beam search, serving) they take the fused path too, whose prepared
     weights are then cached on the cell (``_prepared``), so a step has no per-call weight set-up."""
     return (bool(getattr(cell, "fused", True)) and os.environ.get(ENV_VAR, "1") not in ("0", "false", "False")
-            and (x.size(0) > 1 or not torch.is_grad_enabled()) and x.dtype in (torch.float32, torch.float64)
+            and (x.size(0) > 1 or not torch.is_grad_enabled())
+            and (x.dtype in (torch.float32, torch.float64) or _amp_dtype(cell, x) == x.dtype)
             # a cell's non-default switches (z from h_hat_{t-1}, gain-only norms) are eager-only
             and bool(getattr(cell, "fused_supported", True)))
 
@@ -84,10 +86,77 @@ def _step_weight(w: torch.Tensor, B: int, T: int) -> torch.Tensor:
 
 
 def _linear(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``a @ w.T`` for a (M, K), w (N, K) (or ``_step_weight(w)``)."""
+    """``a @ w.T`` for a (M, K), w (N, K) (or ``_step_weight(w)``); ``w`` in a lower precision
+    (mixed precision, see ``_mm``): the product runs in ``w``'s dtype, the result comes back in ``a``'s."""
+    if w.dtype != a.dtype:
+        return torch.mm(a.to(w.dtype), w.t()).to(a.dtype)
     if _ONEDNN and a.device.type == "cpu" and a.dtype == torch.float32:
         return torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
     return torch.mm(a, w.t())
+
+
+# -- mixed precision ---------------------------------------------------------------------------
+# Under torch.autocast (bf16 or fp16; Lightning's "bf16-mixed" / "16-mixed") the fused paths run
+# the matrix products in autocast's dtype and everything else in float32: the weight matrices enter
+# the Functions cast to the low precision (a differentiable cast outside, so their gradients reach
+# the float32 parameters), the activations, states, layer norms, gate nonlinearities, reductions
+# and the step kernels stay float32. Each product casts its activation operand down and its result
+# back up (``_mm``, ``_addmm``, ``_linear``); the weight gradients are one low-precision product
+# over all T * B rows each (``_gemm``), as autocast's own backward of a linear layer. Inside the
+# Functions autocast is off, so nothing is cast twice and ``out=`` products keep their dtype.
+def _amp_dtype(cell, x: torch.Tensor) -> "torch.dtype | None":
+    """Autocast's low-precision dtype when autocast is on for x's device and the cell's weights
+    are float32 (what autocast lowers), else None."""
+    dev = x.device.type
+    try:
+        if not torch.is_autocast_enabled(dev):
+            return None
+        low = torch.get_autocast_dtype(dev)
+    except (TypeError, RuntimeError, AttributeError):  # a device type autocast does not know
+        return None
+    if cell.weight_hh.dtype != torch.float32 or low == torch.float32:
+        return None
+    return low
+
+
+def _no_autocast(device_type: str):
+    """Autocast off for ``device_type`` inside the fused Functions (a no-op context when it is off)."""
+    try:
+        on = torch.is_autocast_enabled(device_type)
+    except (TypeError, RuntimeError):
+        on = False
+    return torch.autocast(device_type, enabled=False) if on else contextlib.nullcontext()
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b`` (into ``out``); with ``b`` in a lower precision than ``a`` the product runs in
+    ``b``'s dtype and the result comes back in ``a``'s."""
+    if a.dtype == b.dtype:
+        return torch.mm(a, b, out=out)
+    r = torch.mm(a.to(b.dtype), b)
+    return r.to(a.dtype) if out is None else out.copy_(r)
+
+
+def _addmm(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``c + a @ b`` (into ``out``), the product as in ``_mm``; the sum in ``c``'s dtype."""
+    if a.dtype == b.dtype:
+        return torch.addmm(c, a, b, out=out)
+    r = torch.mm(a.to(b.dtype), b)
+    return torch.add(c, r) if out is None else torch.add(c, r, out=out)
+
+
+def _addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``acc += a @ b`` in place, the product as in ``_mm``."""
+    if a.dtype == b.dtype:
+        return acc.addmm_(a, b)
+    return acc.add_(torch.mm(a.to(b.dtype), b))
+
+
+def _gemm(a: torch.Tensor, b: torch.Tensor, low: "torch.dtype | None") -> torch.Tensor:
+    """A weight gradient ``a @ b`` over all T * B rows: in ``low`` when given (mixed precision)."""
+    if low is None:
+        return torch.mm(a, b)
+    return torch.mm(a.to(low), b.to(low))
 
 
 # -- one LSTM state update, forward and backward ----------------------------------------------
@@ -228,6 +297,16 @@ def _dropout_masks(cells_rates, T: int, B: int, like: torch.Tensor):
 
 # Outside the modules, so that deepcopy, pickling and state_dict never carry the cached tensors.
 _PREPARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _cast(w: torch.Tensor, low) -> torch.Tensor:
+    return w if low is None else w.to(low)
+
+
+def _low_weight(module, name: str, low) -> torch.Tensor:
+    """``module.<name>``, or under mixed precision its low-precision copy (cached like ``_prepared``)."""
+    w = getattr(module, name)
+    return w if low is None else _prepared(module, f"{name}.{low}", (w,), lambda: w.to(low))
 
 
 # -- reusable work buffers ----------------------------------------------------------------------
@@ -385,9 +464,9 @@ def _hyper_forward_kernels(lib, xw, xw_hat, h0, w_cat, w_hat_hh, z_weight, z_bia
         bt = B if batch_sizes is None else batch_sizes[t]
         a = _linear(h[:bt], w_cat)                                # (bt, 4H + 4Hh)
         a_list.append(a)
-        torch.mm(hh_all[t, :bt], w_hat_hh.t(), out=hpre[:bt])
+        _mm(hh_all[t, :bt], w_hat_hh.t(), out=hpre[:bt])
         k.cell_fwd(t, bt, hpre, a[:, 4 * H:], xw_hat[t], hyp, hnorms, hyper_eps, hmask, hh_all[t + 1])
-        torch.addmm(zb, hh_all[t + 1, :bt], z_weight.t(), out=z_all[t, :bt])
+        _addmm(zb, hh_all[t + 1, :bt], z_weight.t(), out=z_all[t, :bt])
         k.hyper_fwd(bt, H, Nz, _p(a), a.stride(0), _p(xw[t]), _p(z_all[t]), _p(wd_t), _p(bias), _p(pre))
         k.cell_fwd(t, bt, pre, None, None, main, norms, eps, mask, out[t])
         h = out[t]
@@ -423,10 +502,10 @@ def _hyper_backward_kernels(lib, d_out, d_cT, d_hhT, d_chT, xw, h0, out, hh_all,
         k.cell_bwd(t, bt, dh, None if d_out is None else d_out[t], dc, main, norms, mask, dpre, grads)
         k.hyper_bwd(bt, H, Nz, _p(dpre), _p(a_list[t]), a_list[t].stride(0), _p(xw[t]), _p(z_all[t]), _p(wd_t),
                     _p(d_a[t]), d_a.stride(1), _p(d_xw[t]), _p(d_z[t]), _p(g_wd), _p(g_bias))
-        dhh[:bt].addmm_(d_z[t, :bt], z_weight)
+        _addmm_(dhh[:bt], d_z[t, :bt], z_weight)
         dhpre = d_a[t, :, 4 * H:]
         k.cell_bwd(t, bt, dhh, None, dch, hyp, hnorms, hmask, dhpre, hgrads)
-        torch.mm(dhpre[:bt], w_hat_hh, out=dhh[:bt])
+        _mm(dhpre[:bt], w_hat_hh, out=dhh[:bt])
         prod = _linear(d_a[t, :bt], w_cat_t)
         if bt == B:
             dh = prod
@@ -450,9 +529,22 @@ def _block_diagonal(d_weight: torch.Tensor) -> torch.Tensor:
 
 class _HyperLSTMFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xw, xw_hat, h0, c0, hh0, ch0, w_cat, w_hat_hh, z_weight, z_bias, d_weight, bias,
-                gw, gb, cw, cb, hgw, hgb, hcw, hcb, mask, hmask, eps, hyper_eps, batch_sizes=None, owner=None):
+    def forward(ctx, *args):
+        with _no_autocast(args[0].device.type):
+            return _HyperLSTMFunction._forward(ctx, *args)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        with _no_autocast(ctx.device_type):
+            return _HyperLSTMFunction._backward(ctx, *grads)
+
+    @staticmethod
+    def _forward(ctx, xw, xw_hat, h0, c0, hh0, ch0, w_cat, w_hat_hh, z_weight, z_bias, d_weight, bias,
+                 gw, gb, cw, cb, hgw, hgb, hcw, hcb, mask, hmask, eps, hyper_eps, batch_sizes=None, owner=None):
         T, B = xw.shape[:2]
+        ctx.device_type = xw.device.type
+        ctx.low = w_cat.dtype if w_cat.dtype != xw.dtype else None  # mixed precision: the products' dtype
         H, Hh = h0.size(-1), hh0.size(-1)
         Nz = d_weight.size(-1)
         n = 4 * Nz
@@ -484,11 +576,11 @@ class _HyperLSTMFunction(torch.autograd.Function):
         for t in range(T if lib is None else 0):
             a = _linear(h, w_step)                                 # (B, 4H + 4Hh)
             a_list.append(a)
-            hyper_pre = torch.addmm(xw_hat[t] + a[:, 4 * H:], hh_all[t], w_hat_hh.t())
+            hyper_pre = _addmm(xw_hat[t] + a[:, 4 * H:], hh_all[t], w_hat_hh.t())
             hh = _update_forward(t, hyper_pre, hyp, hnorms, None if hmask is None else hmask[t], hyper_eps,
                                  h_out=hh_all[t + 1])
             z = z_all[t]
-            torch.mm(hh, z_weight.t(), out=z)
+            _mm(hh, z_weight.t(), out=z)
             z[:, :2 * n] += z_bias
             zz = z.view(B, 3, n).transpose(0, 1)
             # (3, B, 4H): d_h, d_x, b(z) (+ b_0 folded into the product)
@@ -510,8 +602,7 @@ class _HyperLSTMFunction(torch.autograd.Function):
         return out, main.c[last + 1, ar(B, xw)], hh_all[last + 1, ar(B, xw)], hyp.c[last + 1, ar(B, xw)]
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, d_out, d_cT, d_hhT, d_chT):
+    def _backward(ctx, d_out, d_cT, d_hhT, d_chT):
         (xw, h0, out, hh_all, z_all, w_cat, w_hat_hh, z_weight, d_weight,
          gw, gb, cw, cb, hgw, hgb, hcw, hcb, mask, hmask, *rest) = ctx.saved_tensors
         a_list = ctx.a_list
@@ -536,10 +627,11 @@ class _HyperLSTMFunction(torch.autograd.Function):
         # Weight gradients: one product over all T * B rows each.
         TB = T * B
         h_prev = torch.cat([h0.unsqueeze(0), out[:-1]]).view(TB, H)
-        g_cat = torch.mm(d_a.view(TB, -1).t(), h_prev)
+        low = ctx.low
+        g_cat = _gemm(d_a.view(TB, -1).t(), h_prev, low)
         d_xw_hat = d_a[:, :, 4 * H:]
-        g_hat_hh = torch.mm(d_xw_hat.reshape(TB, 4 * Hh).t(), hh_all[:-1].reshape(TB, Hh))
-        g_zw = torch.mm(d_z.view(TB, 3 * n).t(), hh_all[1:].reshape(TB, Hh))
+        g_hat_hh = _gemm(d_xw_hat.reshape(TB, 4 * Hh).t(), hh_all[:-1].reshape(TB, Hh), low)
+        g_zw = _gemm(d_z.view(TB, 3 * n).t(), hh_all[1:].reshape(TB, Hh), low)
         g_zb = d_z[:, :, :2 * n].sum((0, 1))
         ln_g = (grads.get("gw"), grads.get("gb"), grads.get("cw"), grads.get("cb"),
                 hgrads.get("gw"), hgrads.get("gb"), hgrads.get("cw"), hgrads.get("cb"))
@@ -592,11 +684,11 @@ def _hyper_backward_torch(ctx, d_out, d_cT, d_hhT, d_chT, xw, h0, hh_all, z_all,
         g_bd.baddbmm_(zz.transpose(1, 2), dd)
         dz = torch.bmm(dd, bd_t, out=dz_buf)                    # (3, B, 4 Nz)
         d_z[t].view(B, 3, n).copy_(dz.transpose(0, 1))
-        dhh = torch.addmm(dhh, d_z[t], z_weight)
+        dhh = _addmm(dhh, d_z[t], z_weight)
         dhpre = d_a[t, :, 4 * H:]
         dch = _update_backward(t, dhh, dch, hyp, hnorms, None if hmask is None else hmask[t],
                                ctx.hyper_eps, hgrads, dhpre)
-        dhh = torch.mm(dhpre, w_hat_hh)
+        dhh = _mm(dhpre, w_hat_hh)
         dh = _linear(d_a[t], w_cat_t)
     G = 4
     g_bd = g_bd.view(3, G, Nz, G, H)
@@ -610,24 +702,28 @@ def hyper_lstm_sequence(cell, x: torch.Tensor, state, batch_sizes=None, row_orde
     and ``row_order``: see ``packed_forward``."""
     if not fused_enabled(cell, x):
         return None
-    h0, c0, hh0, ch0 = state
     T, B = x.shape[:2]
     H, Hh = cell.hidden_size, cell.hyper_size
     hyper = cell.hyper
+    low = _amp_dtype(cell, x)  # mixed precision: the products' dtype (see _amp_dtype)
     # The same products as cell.input_projection, kept apart (no (T, B, 4H + 4Hh) concatenation).
-    xw = F.linear(x, cell.weight_ih).contiguous()
-    xw_hat = F.linear(x, hyper.weight_ih[:, H:], hyper.bias).contiguous()
+    xw = F.linear(x, cell.weight_ih)
+    xw_hat = F.linear(x, hyper.weight_ih[:, H:], hyper.bias)
+    if low is not None:  # autocast ran the input products in low precision; the rest is float32
+        xw, xw_hat, state = xw.float(), xw_hat.float(), tuple(s.float() for s in state)
+    xw, xw_hat = xw.contiguous(), xw_hat.contiguous()
     h0, c0, hh0, ch0 = (s.contiguous() for s in state)  # the step kernels read rows by pointer
-    w_cat = _prepared(cell, "w_cat", (cell.weight_hh, hyper.weight_ih),
-                      lambda: torch.cat([cell.weight_hh, hyper.weight_ih[:, :H]], dim=0))
+    w_cat = _prepared(cell, f"w_cat.{low}", (cell.weight_hh, hyper.weight_ih),
+                      lambda: _cast(torch.cat([cell.weight_hh, hyper.weight_ih[:, :H]], dim=0), low))
     training = cell.training
     rates = [(Hh, hyper.recurrent_dropout if training and hyper.recurrent_dropout > 0 else None),
              (H, cell.recurrent_dropout if training and cell.recurrent_dropout > 0 else None)]
-    hmask, mask = _reorder(_dropout_masks(rates, T, B, x), row_order)
+    hmask, mask = _reorder(_dropout_masks(rates, T, B, xw), row_order)
     norms, hnorms = _norm_params(cell), _norm_params(hyper)
     sc = cell.scaling
     out, cT, hhT, chT = _HyperLSTMFunction.apply(
-        xw, xw_hat, h0, c0, hh0, ch0, w_cat, hyper.weight_hh, sc.z_weight, sc.z_bias, sc.d_weight, sc.bias,
+        xw, xw_hat, h0, c0, hh0, ch0, w_cat, _low_weight(hyper, "weight_hh", low),
+        _low_weight(sc, "z_weight", low), sc.z_bias, sc.d_weight, sc.bias,
         *norms, *hnorms, mask, hmask, _eps(cell), _eps(hyper), batch_sizes, cell)
     return out, (_final_h(out, batch_sizes), cT, hhT, chT)
 
@@ -635,8 +731,21 @@ def hyper_lstm_sequence(cell, x: torch.Tensor, state, batch_sizes=None, row_orde
 # -- the LSTM layer ----------------------------------------------------------------------------
 class _LSTMFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xw, h0, c0, w_hh, gw, gb, cw, cb, mask, eps, batch_sizes=None, owner=None):
+    def forward(ctx, *args):
+        with _no_autocast(args[0].device.type):
+            return _LSTMFunction._forward(ctx, *args)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        with _no_autocast(ctx.device_type):
+            return _LSTMFunction._backward(ctx, *grads)
+
+    @staticmethod
+    def _forward(ctx, xw, h0, c0, w_hh, gw, gb, cw, cb, mask, eps, batch_sizes=None, owner=None):
         T, B = xw.shape[:2]
+        ctx.device_type = xw.device.type
+        ctx.low = w_hh.dtype if w_hh.dtype != xw.dtype else None  # mixed precision: the products' dtype
         H = h0.size(-1)
         ln = gw is not None
         sv = _Saved(T, B, H, xw, ln, _Workspace(owner, xw), "lstm.")
@@ -664,8 +773,7 @@ class _LSTMFunction(torch.autograd.Function):
         return out, sv.c[_last_steps(batch_sizes, T, B, xw.device) + 1, ar(B, xw)]
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, d_out, d_cT):
+    def _backward(ctx, d_out, d_cT):
         h0, out, w_hh, gw, gb, cw, cb, mask, *rest = ctx.saved_tensors
         sv = _Saved.from_tensors(rest, ctx.ln)
         T, B, H = out.shape
@@ -698,9 +806,13 @@ class _LSTMFunction(torch.autograd.Function):
                 dh = dh + d_out[t]
             dc = _update_backward(t, dh, dc, sv, norms, None if mask is None else mask[t], ctx.eps, grads, d_xw[t])
             dh = _linear(d_xw[t], w_t)
-        g_hh = torch.mm(d_xw[0].t(), h0)
-        if T > 1:
-            g_hh.addmm_(d_xw[1:].reshape((T - 1) * B, 4 * H).t(), out[:-1].reshape((T - 1) * B, H))
+        if ctx.low is not None:  # mixed precision: one low-precision product over all T * B rows
+            h_prev = torch.cat([h0.unsqueeze(0), out[:-1]]).view(T * B, H)
+            g_hh = _gemm(d_xw.view(T * B, 4 * H).t(), h_prev, ctx.low)
+        else:
+            g_hh = torch.mm(d_xw[0].t(), h0)
+            if T > 1:
+                g_hh.addmm_(d_xw[1:].reshape((T - 1) * B, 4 * H).t(), out[:-1].reshape((T - 1) * B, H))
         return (d_xw, dh, dc, g_hh, grads.get("gw"), grads.get("gb"), grads.get("cw"), grads.get("cb"),
                 None, None, None, None)
 
@@ -715,11 +827,15 @@ def lstm_sequence(cell, x: torch.Tensor, state, batch_sizes=None, row_order=None
     rd = cell.recurrent_dropout if cell.training and cell.recurrent_dropout > 0 else None
     if cell.gate_norm is None and rd is None and batch_sizes is None:
         return _torch_lstm(cell, x, h0, c0)
-    (mask,) = _reorder(_dropout_masks([(H, rd)], T, B, x), row_order)
-    xw = cell.input_projection(x).contiguous()
+    low = _amp_dtype(cell, x)  # mixed precision: the products' dtype (see _amp_dtype)
+    xw = cell.input_projection(x)
+    if low is not None:  # autocast ran the input product in low precision; the rest is float32
+        xw, h0, c0 = xw.float(), h0.float(), c0.float()
+    xw = xw.contiguous()
+    (mask,) = _reorder(_dropout_masks([(H, rd)], T, B, xw), row_order)
     h0, c0 = h0.contiguous(), c0.contiguous()
-    out, cT = _LSTMFunction.apply(xw, h0, c0, cell.weight_hh, *_norm_params(cell), mask, _eps(cell), batch_sizes,
-                                  cell)
+    out, cT = _LSTMFunction.apply(xw, h0, c0, _low_weight(cell, "weight_hh", low), *_norm_params(cell), mask,
+                                  _eps(cell), batch_sizes, cell)
     return out, (_final_h(out, batch_sizes), cT)
 
 

@@ -273,6 +273,10 @@ class RecurrentLayers(nn.Module):
             activity = [{n: v.squeeze(1) for n, v in a.items()} for a in activity]
         return output, _write_state(state, form), activity
 
+    # torch.compile: each layer's run stays eager, an opaque call between the compiled parts of a
+    # model (dynamo would otherwise trace into the fused Functions' time loops, whose step
+    # kernels and oneDNN calls inductor cannot lower, or unroll the reference loop step by step).
+    @torch.compiler.disable
     def _run_layer(self, cell, x, state: State, mask, rec):
         if rec is None:
             # A whole-sequence fused path (see _fused.py) when the cell has one for its config;

@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from hypernetworks import create_model, list_models
 from hypernetworks.models.vit import ChannelAdaptiveViT
-from hypernetworks.nn.channels import ChannelHyperPatchEmbed, channel_subsets, resolve_channels, sample_channels
+from hypernetworks.nn.channels import (UNSEEN_RULES, ChannelHyperPatchEmbed, PublishedHyperPatchEmbed, channel_subsets,
+                                       resolve_channels, sample_channels)
 from hypernetworks.nn.static import parameter_report
 from hypernetworks.tasks.channels import ChannelClassifier
 
@@ -226,7 +227,7 @@ def test_bad_channel_arguments_raise_clear_errors():
 
 def test_registered_models_and_matched_tiny_budgets():
     names = list_models("*vit*")
-    for prefix in ("hypernet-vit", "fixed-vit", "channelvit"):
+    for prefix in ("published-hypernet-vit", "hypernet-vit", "fixed-vit", "channelvit"):
         for size in ("s16", "s8", "tiny-p4"):
             assert f"{prefix}-{size}" in names
     totals = {n: parameter_report(create_model(n))["total"]
@@ -242,6 +243,10 @@ def test_registered_models_and_matched_tiny_budgets():
     with torch.device("meta"):
         s16 = create_model("hypernet-vit-s16", channels=[f"c{i}" for i in range(8)], num_classes=161)
     assert s16.stem.generator.out_size == 384 and s16.stem.patch_size == 16
+    with torch.device("meta"):  # the published HyperNet at ViT-S/16: z and d 256, D/8 = 48 generated channels
+        pub = create_model("published-hypernet-vit-s16", channels=[f"c{i}" for i in range(8)], num_classes=161)
+    assert isinstance(pub.stem, PublishedHyperPatchEmbed) and pub.stem.generated_dim == 48
+    assert pub.stem.channel_embedding.shape == (8, 256) and pub.stem.w_out.shape == (256, 48, 16, 16)
 
 
 def _loader(n: int, seed: int) -> DataLoader:
@@ -315,3 +320,130 @@ def test_channel_recipes_build(recipe):
     module, _, cls = cfg["data"]["class_path"].rpartition(".")
     data_cls = getattr(importlib.import_module(module), cls)
     assert set(cfg["data"].get("init_args") or {}) <= set(inspect.signature(data_cls.__init__).parameters)
+
+
+# ------------------------------------------------------------------- the published HyperNet
+
+
+def _reference_published(x, cur_channels, emb, W, b, W_out, b_out, conv1x1_w, conv1x1_b, patch_size):
+    """The reference forward of the published HyperNet stem, written out literally from its
+    equations (DiChaViT's HyperNetViT.prepare_tokens with its HyperNetwork, use_conv1x1 off):
+    an embedding lookup, a = z W + b, K = a W_out + b_out, K laid out (out, channels * in, p, p),
+    one convolution without bias over the channels present, then the 1x1 convolution."""
+    z = emb[torch.tensor(cur_channels)]                                  # (c, z_dim)
+    a = torch.einsum("cz,zid->cid", z, W) + b                           # (c, 1, d)
+    K = torch.einsum("cid,dohw->ciohw", a, W_out) + b_out               # (c, 1, o, p, p)
+    c, i, o, h, w = K.shape
+    K = K.permute(2, 0, 1, 3, 4).reshape(o, c * i, h, w)                # "c i o h w -> o (c i) h w"
+    y = F.conv2d(x, K, bias=None, stride=patch_size, padding=0)
+    return F.conv2d(y, conv1x1_w, conv1x1_b)
+
+
+def test_published_hypernet_equals_the_reference_forward_on_random_weights():
+    torch.manual_seed(0)
+    names = ["a", "b", "c", "d"]
+    stem = PublishedHyperPatchEmbed(names, embed_dim=16, patch_size=2, embedding_size=6, hidden_size=5).double()
+    with torch.no_grad():
+        for prm in stem.parameters():
+            prm.copy_(torch.randn_like(prm))
+    x = torch.randn(3, 4, 6, 6, dtype=torch.float64)
+    for subset in channel_subsets(names):
+        for order in itertools.permutations(subset):
+            idx = [names.index(c) for c in order]
+            ref = _reference_published(x[:, idx], idx, stem.channel_embedding, stem.w_in, stem.b_in, stem.w_out,
+                                       stem.b_out, stem.lift.weight, stem.lift.bias, 2)
+            torch.testing.assert_close(stem(x[:, idx], list(order)), ref)
+    # a sum over the channels present, not a mean: the projection before the (affine) lift adds up
+    bias = stem.lift.bias.view(1, -1, 1, 1)
+    both = stem(x[:, [0, 2]], ["a", "c"]) - bias
+    torch.testing.assert_close(both, (stem(x[:, [0]], ["a"]) - bias) + (stem(x[:, [2]], ["c"]) - bias))
+    # inside a ViT: the published stem is what the registered published-hypernet models use
+    m = create_model("published-hypernet-vit-tiny-p4", channels=names, num_classes=3)
+    assert isinstance(m.stem, PublishedHyperPatchEmbed) and m(torch.randn(2, 2, 32, 32), ["d", "a"]).shape == (2, 3)
+    with pytest.raises(ValueError, match="sums over the channels"):
+        ChannelAdaptiveViT(names, stem="published-hyper", reduction="mean")
+    with pytest.raises(ValueError, match="metadata conditioning needs stem='hyper'"):
+        ChannelAdaptiveViT(NAMES, stem="published-hyper", metadata=META)
+
+
+def test_published_hypernet_initialisation():
+    """DiChaViT's stem sizes and init: z ~ N(0, 1), W1 and W2 Kaiming-normal (torch's fan-in of
+    their shapes), both generator biases N(0, 1) (not zeroed), D/8 generated channels."""
+    torch.manual_seed(1)
+    stem = PublishedHyperPatchEmbed([f"c{i}" for i in range(64)], embed_dim=384, patch_size=16)
+    assert stem.embedding_size == stem.hidden_size == 256 and stem.generated_dim == 48
+    assert stem.w_in.shape == (256, 1, 256) and stem.b_in.shape == (1, 256)
+    assert stem.w_out.shape == (256, 48, 16, 16) and stem.b_out.shape == (48, 16, 16)
+    assert stem.lift.weight.shape == (384, 48, 1, 1) and stem.lift.bias is not None
+    for t, std in ((stem.channel_embedding, 1.0), (stem.b_out, 1.0), (stem.b_in, 1.0),
+                   (stem.w_in, (2 / 256) ** 0.5), (stem.w_out, (2 / (48 * 16 * 16)) ** 0.5)):
+        t = t.detach()
+        assert abs(float(t.mean())) < 0.15 * std and float(t.std()) == pytest.approx(std, rel=0.1)
+
+
+def _dichavit_unseen(emb, chunk, training_channels, rule):
+    """DiChaViT's substitution for channels never trained, written out: walk the input's channels
+    in order; an unseen one takes (by rule) the mean of the next 2 or 3 channels of the bank, the
+    next one, or zeros, and the bank pointer advances by one; the bank is the trained channels
+    (or, for *_not_in_chunk, the trained channels not in the input)."""
+    bank = [c for c in training_channels if c not in chunk] if "not_in_chunk" in rule else list(training_channels)
+    out, cur = [], 0
+    for c in chunk:
+        if c in training_channels:
+            out.append(emb[c])
+            continue
+        if rule in ("avg_2", "avg_2_not_in_chunk"):
+            out.append(emb[[bank[cur], bank[(cur + 1) % len(bank)]]].mean(0))
+        elif rule in ("avg_3", "avg_3_not_in_chunk"):
+            out.append(emb[[bank[cur], bank[(cur + 1) % len(bank)], bank[(cur + 2) % len(bank)]]].mean(0))
+        elif rule == "replicate":
+            out.append(emb[bank[cur]])
+        elif rule == "zero":
+            out.append(torch.zeros_like(emb[0]))
+        cur = (cur + 1) % len(bank)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("rule", [r for r in UNSEEN_RULES if r != "mean"])
+@pytest.mark.parametrize("layer", ["published", "project"])
+def test_unseen_channel_rules_as_in_dichavit(rule, layer):
+    names = ["a", "b", "c", "d", "e"]
+    torch.manual_seed(2)
+    if layer == "published":
+        stem = PublishedHyperPatchEmbed(names, embed_dim=8, patch_size=2, embedding_size=4, hidden_size=3)
+    else:
+        stem = ChannelHyperPatchEmbed(names, embed_dim=8, patch_size=2, embedding_size=4)
+    table = stem.channel_embedding.detach().clone()
+    stem.init_unseen_channels(["b", "d"], known=["e", "a", "c"], rule=rule)
+    torch.testing.assert_close(stem.channel_embedding, table)  # nothing written: applied per forward
+    trained = [0, 2, 4]
+    for chunk in (["b", "a", "d"], ["d", "b", "e", "c"], ["d"], ["a", "c", "e", "b"]):
+        idx = [names.index(c) for c in chunk]
+        if rule.endswith("_not_in_chunk") and not [k for k in trained if k not in idx]:
+            with pytest.raises(ValueError, match="no trained channel outside the input"):
+                stem.embeddings(torch.tensor(idx))
+            continue
+        torch.testing.assert_close(stem.embeddings(torch.tensor(idx)), _dichavit_unseen(table, idx, trained, rule))
+    # "mean" writes the mean of the known embeddings into the table and ends a per-forward rule
+    stem.init_unseen_channels(["b", "d"], known=["e", "a", "c"], rule="mean")
+    torch.testing.assert_close(stem.embeddings(torch.tensor([1]))[0], table[trained].mean(0))
+    with pytest.raises(ValueError, match="rule must be one of"):
+        stem.init_unseen_channels(["b"], rule="avg_4")
+
+
+def test_task_passes_the_unseen_channel_rule_to_the_model():
+    torch.manual_seed(0)
+    task = ChannelClassifier("published-hypernet-vit-tiny-p4", num_classes=3, train_channels=["red", "blue"],
+                             unseen_channel_rule="replicate", eval_subsets="full",
+                             model_args=dict(channels=NAMES, img_size=8, embed_dim=16, depth=1, num_heads=2,
+                                             num_classes=3, embedding_size=4, hidden_size=4))
+    task.on_test_start()
+    stem = task.model.stem
+    assert stem._unseen_rule == "replicate" and stem._unseen_idx == (1,) and stem._bank_idx == (0, 2)
+    torch.testing.assert_close(stem.embeddings(torch.tensor([1, 2]))[0], stem.channel_embedding[0])
+    with pytest.raises(ValueError, match="unseen_channel_rule"):
+        ChannelClassifier("published-hypernet-vit-tiny-p4", num_classes=3, unseen_channel_rule="average",
+                          model_args=dict(channels=NAMES, num_classes=3))
+    fixed = ChannelAdaptiveViT(NAMES, stem="fixed", img_size=8, embed_dim=8, depth=1, num_heads=2)
+    with pytest.raises(ValueError, match="mean of the known ones only"):
+        fixed.init_unseen_channels(["green"], rule="zero")

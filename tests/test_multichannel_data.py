@@ -3,6 +3,8 @@ including a truncated or corrupt file of each kind (clear errors naming the file
 from __future__ import annotations
 
 import csv
+import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -14,12 +16,16 @@ from lightning.pytorch import Trainer
 from PIL import Image
 
 from hypernetworks.data.images import DatasetFileError
-from hypernetworks.data.multichannel import (CHAMMI, CHAMMI_CHANNELS, chammi_benchmark, in_split, JUMPCP, JUMPCP_CHANNELS, SO2SAT_CHANNELS,
-                                             SO2SAT_METADATA, CHAMMIDataModule, ChannelNormalize, So2SatLCZ42,
-                                             SubDatasetBatchSampler, channel_stats, collate_channels, fold_strip,
-                                             jumpcp_split)
+from hypernetworks.data.chammi import (CHAMMI, CHAMMI_CHANNELS, CHAMMI_TASKS, CHAMMIDataModule, SubDatasetBatchSampler,
+                                       collate_channels, fold_strip, in_split)
+from hypernetworks.data.channel_utils import ChannelNormalize, channel_stats
+from hypernetworks.data.jumpcp import JUMPCP, JUMPCP_CHANNELS, JUMPCP_METADATA, jumpcp_split
+from hypernetworks.data.so2sat import SO2SAT_CHANNELS, SO2SAT_METADATA, So2SatLCZ42
+from hypernetworks.tasks.chammi_metrics import chammi_benchmark
 from hypernetworks.models.vit import ChannelAdaptiveViT
 from hypernetworks.tasks.channels import ChannelClassifier, evaluate_chammi
+
+REPO = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------------------------- So2Sat
 
@@ -312,13 +318,14 @@ def test_jumpcp_index_images_and_plate_map_labels(tmp_path, as_parquet, hwc):
     x, y = ds[0]
     assert x.shape == (8, 16, 16) and x.dtype == torch.float32
     np.testing.assert_allclose(x.numpy(), images[0] / 255.0, rtol=1e-6)
-    sub = JUMPCP(tmp_path / "jumpcp", split="all", channels=["brightfield_1", "fluorescence_2"])
+    sub = JUMPCP(tmp_path / "jumpcp", split="all", channels=["HighZBF", "AGP"])
     np.testing.assert_allclose(sub[0][0].numpy(), images[0][[5, 1]] / 255.0, rtol=1e-6)
     # ChannelViT's split: a seed-0 permutation cut 60/20/20, disjoint and complete
     parts = [set(jumpcp_split(20, s).tolist()) for s in ("train", "val", "test")]
     assert [len(p) for p in parts] == [12, 4, 4] and set.union(*parts) == set(range(20))
     assert list(jumpcp_split(20, "train")) == list(np.random.RandomState(0).permutation(20)[:12])
-    assert JUMPCP_CHANNELS[5:] == ["brightfield_1", "brightfield_2", "brightfield_3"]
+    # the stored order as ChannelViT's dataset config names it
+    assert JUMPCP_CHANNELS == ["Mito", "AGP", "RNA", "ER", "DNA", "HighZBF", "LowZBF", "Brightfield"]
 
 
 def test_jumpcp_bad_files(tmp_path):
@@ -343,3 +350,133 @@ def test_jumpcp_bad_files(tmp_path):
                              "well_loc": [r[2] for r in rows]}), index)
     with pytest.raises(DatasetFileError, match=r"compound_metadata.tsv: missing columns \['target'\]"):
         JUMPCP(root)
+
+
+# ------------------------------------------------- CHAMMI's benchmark through `hypernetworks test`
+
+
+def _write_chammi_tasks(root, sub, rows, group_col, seed=0, h=8, cw=8):
+    """One sub-dataset as CHAMMI publishes it: ``enriched_meta.csv`` with ``train_test_split``, the
+    boolean task columns (True/False, as pandas writes them; MorphEm selects a task's rows by its
+    column), the leave-out group column (HPA ``cell_type``, CP ``Plate``) and 8-bit PNG strips.
+    ``rows``: (split, label, group) per image."""
+    rng = np.random.default_rng(seed)
+    c = len(CHAMMI_CHANNELS[sub])
+    tasks = CHAMMI_TASKS[sub]
+    (root / sub / "images").mkdir(parents=True, exist_ok=True)
+    with open(root / sub / "enriched_meta.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file_path", "ID", "channel_width", "train_test_split", "Label", group_col, *tasks])
+        for k, (split, label, group) in enumerate(rows):
+            rel = f"{sub}/images/{sub}_{k}.png"
+            chans = rng.integers(0, 256, size=(c, h, cw)).astype(np.uint8)
+            Image.fromarray(np.concatenate(list(chans), axis=1)).save(root / rel)
+            w.writerow([rel, f"{sub}_{k}", cw, split, label, group, *[str(split == t) for t in tasks]])
+
+
+def _write_chammi_benchmark(root):
+    """All three sub-datasets with every task split; novel classes (absent from Train) in HPA
+    Task_three (held out by cell type) and CP Task_four (held out by plate)."""
+    train = lambda labels, g: [("Train", lab, g) for lab in labels * 3]  # noqa: E731
+    _write_chammi_tasks(root, "Allen", train(["M0", "M1"], "")
+                        + [(t, lab, "") for t in ("Task_one", "Task_two") for lab in ("M0", "M1")], "Structure")
+    _write_chammi_tasks(root, "HPA", train(["er", "golgi"], "U2OS")
+                        + [(t, lab, "U2OS") for t in ("Task_one", "Task_two") for lab in ("er", "golgi")]
+                        + [("Task_three", lab, ct) for ct in ("A-431", "HEK293") for lab in ("nucleoli", "actin")],
+                        "cell_type", seed=1)
+    _write_chammi_tasks(root, "CP", train(["BRD-a", "BRD-b"], "P0")
+                        + [(t, lab, "P0") for t in ("Task_one", "Task_two", "Task_three") for lab in ("BRD-a", "BRD-b")]
+                        + [("Task_four", lab, pl) for pl in ("P1", "P2") for lab in ("BRD-c", "BRD-d")],
+                        "Plate", seed=2)
+
+
+def test_chammi_benchmark_through_hypernetworks_test(tmp_path, monkeypatch):
+    """The CHAMMI recipe, shrunk, through the CLI: fit, then `test` on every task split, novel
+    classes included. No novel class (label -1) and no Train reference row reaches the
+    classification loss; the 1-NN macro-F1 per task and the aggregate are logged and equal those
+    computed from the same model's features by the benchmark's own steps."""
+    from hypernetworks.tasks.chammi_metrics import chammi_aggregate
+    from hypernetworks.training import run_cli
+
+    root = tmp_path / "chammi"
+    _write_chammi_benchmark(root)
+    targets = []
+    real_ce = torch.nn.functional.cross_entropy
+
+    def checked_ce(logits, target, *a, **kw):
+        targets.append(target.detach().clone())
+        return real_ce(logits, target, *a, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", checked_ce)
+    channels = [c for s in ("Allen", "HPA", "CP") for c in CHAMMI_CHANNELS[s]]
+    args = dict(channels=channels, num_classes=6, img_size=8, embed_dim=16, depth=1, num_heads=2,
+                embedding_size=8, hidden_size=8)
+    common = ["--config", str(REPO / "configs/chammi-hypernet-vit-s16.yaml"), "--runs_root", str(tmp_path / "runs"),
+              "--run_name", "r", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+              "--model.init_args.model", "published-hypernet-vit-tiny-p4", "--model.init_args.num_classes", "6",
+              "--model.init_args.model_args", json.dumps(args), "--data.init_args.root", str(root),
+              "--data.init_args.img_size", "8", "--data.init_args.batch_size", "4",
+              "--data.init_args.eval_batch_size", "5", "--data.init_args.num_workers", "0",
+              "--data.init_args.val_fraction", "0.2"]
+    run_cli(["fit", *common, "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
+             "--trainer.limit_val_batches", "1"])
+    targets.clear()
+    cli = run_cli(["test", *common, "--ckpt_path", str(tmp_path / "runs" / "r" / "checkpoints" / "last.ckpt")])
+    m = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    assert targets and all(bool((t >= 0).all()) for t in targets)  # the loss saw known classes only
+    n_loss = sum(len(t) for t in targets)
+    ds = cli.datamodule.test_set
+    known_task_rows = [i for i in range(len(ds)) if ds.in_task[i] and ds.samples[i][3] >= 0]
+    assert n_loss == len(known_task_rows) == 4 + 4 + 6  # the task rows of classes seen in training
+    assert len(ds) == 10 + 14 + 16 and sum(s[3] < 0 for s in ds.samples) == 8  # Train rows too; 8 novel
+    # the head's accuracy over exactly those rows
+    model = cli.model.model.eval()
+    with torch.no_grad():
+        hits = [int(model(ds[i][0][None], list(ds[i][2])).argmax(1)) == ds.samples[i][3] for i in known_task_rows]
+    assert m["test_acc"] == pytest.approx(sum(hits) / len(hits))
+    # CHAMMI's scores: the same as the benchmark's steps on the same model's features
+    ref = evaluate_chammi(model, str(root), img_size=8, batch_size=7)
+    for sub, tasks in CHAMMI_TASKS.items():
+        assert set(ref[sub]) == set(tasks)
+        for task in tasks:
+            assert m[f"chammi/{sub}/{task}/f1_macro"] == pytest.approx(ref[sub][task]["f1_macro"], abs=1e-6)
+            assert m[f"chammi/{sub}/{task}/accuracy"] == pytest.approx(ref[sub][task]["accuracy"], abs=1e-6)
+    agg = chammi_aggregate(ref)
+    assert set(agg) >= {"score_f1", "score_acc", "HPA/ood_f1", "HPA/id_f1", "CP/ood_f1", "Allen/ood_f1"}
+    for key, value in agg.items():
+        assert m[f"chammi/{key}"] == pytest.approx(value, abs=1e-6)
+    rest = [ref[s][t]["f1_macro"] for s in ("Allen", "HPA", "CP") for t in CHAMMI_TASKS[s]][1:]
+    assert agg["score_f1"] == pytest.approx(sum(rest) / 8)  # the published code: every task but WTC Task_one
+    assert agg["HPA/ood_f1"] == pytest.approx((ref["HPA"]["Task_two"]["f1_macro"] + ref["HPA"]["Task_three"]["f1_macro"]) / 2)
+
+
+def test_chammi_single_task_split_and_head_only_test(tmp_path):
+    _write_chammi_benchmark(tmp_path)
+    dm = CHAMMIDataModule(str(tmp_path), sub_datasets=["HPA"], test_split="Task_three", img_size=8)
+    dm.setup()
+    assert dm.test_tasks == ["Task_three"] and dm.test_set.tasks == ["Task_three"]
+    assert [dm.test_set.in_task[i] for i in range(len(dm.test_set))] == [False] * 6 + [True] * 4
+    x, y, names, info = next(iter(dm.test_dataloader()))
+    assert info.shape == (len(y), 2) and info[:, 0].tolist() == list(range(len(y)))
+    plain = CHAMMIDataModule(str(tmp_path), sub_datasets=["HPA"], test_split=["Task_one", "Task_two"], benchmark=False)
+    plain.setup()
+    assert len(plain.test_set) == 4 and len(next(iter(plain.test_dataloader()))) == 3
+    with pytest.raises(ValueError, match="test_split"):
+        CHAMMIDataModule(str(tmp_path), test_split="Task_five")
+
+
+def test_old_module_names_still_resolve():
+    """Recipes and checkpoints written before the split name hypernetworks.data.multichannel.*:
+    the data modules are still defined there (the checkpoint loader builds only classes defined in
+    the module it names), as subclasses of the new ones."""
+    from hypernetworks.checkpoints import resolve_trusted_class
+    from hypernetworks.data import chammi, jumpcp, so2sat
+
+    for new in (chammi.CHAMMIDataModule, jumpcp.JUMPCPDataModule, so2sat.So2SatDataModule):
+        old = resolve_trusted_class(f"hypernetworks.data.multichannel.{new.__name__}")
+        assert issubclass(old, new) and old is not new
+        assert resolve_trusted_class(f"{new.__module__}.{new.__name__}") is new
+    from hypernetworks.data import multichannel
+
+    assert multichannel.CHAMMI is chammi.CHAMMI and multichannel.JUMPCP is jumpcp.JUMPCP
+    assert multichannel.chammi_benchmark is chammi_benchmark

@@ -1,17 +1,21 @@
 """Channel-adaptive Vision Transformers for multi-channel images (ChannelViT / CHAMMI benchmarks).
 
 One ViT (``torch.nn.TransformerEncoder`` blocks, pre-norm, class token, learned positions) with
-three interchangeable first layers ("stems"), all taking ``forward(x, channels)`` where
+four interchangeable first layers ("stems"), all taking ``forward(x, channels)`` where
 ``channels`` names the channels present in x, in order:
 
-* ``"hyper"``: ``ChannelHyperPatchEmbed`` -- each channel's slice of the patch projection is
-  generated from its embedding (learned, or from its metadata) by the project's KernelGenerator;
+* ``"published-hyper"``: ``PublishedHyperPatchEmbed`` -- the published HyperNet (DiChaViT's stem:
+  embeddings and generator hidden size 256, D/8 generated channels summed over the channels
+  present, a 1x1 convolution to D, N(0, 1) generator biases): the benchmark tables' "HyperNet";
+* ``"hyper"``: ``ChannelHyperPatchEmbed`` -- the project's variant: each channel's slice of the
+  patch projection is generated from its embedding (learned, or from its metadata) by the
+  project's KernelGenerator (d = 8, mean over the channels present);
 * ``"fixed"``: an ordinary patch projection over all known channels; missing channels are
   zero-filled and the present ones rescaled by C / |S| (the ViT baseline of ChannelViT);
 * ``"channelvit"``: one token per channel and patch, made by a projection shared by all channels
   plus a learned channel embedding (Bao et al., 2023); the sequence is |S| times longer.
 
-Registered as ``{hypernet-vit,fixed-vit,channelvit}-{s16,s8}`` (ViT-S: width 384, 12 blocks,
+Registered as ``{published-hypernet-vit,hypernet-vit,fixed-vit,channelvit}-{s16,s8}`` (ViT-S: width 384, 12 blocks,
 6 heads) and ``-tiny-p4`` (width 64, 4 blocks, 32x32 images: the CPU stand-in). Every factory
 takes the same keyword overrides (``channels``, ``num_classes``, ``img_size``, ``metadata``, ...).
 """
@@ -24,11 +28,11 @@ import torch.nn as nn
 from torch import Tensor
 
 from hypernetworks.models.registry import register_model
-from hypernetworks.nn.channels import ChannelHyperPatchEmbed, ChannelSpec, resolve_channels
+from hypernetworks.nn.channels import ChannelHyperPatchEmbed, ChannelSpec, PublishedHyperPatchEmbed, resolve_channels
 
 __all__ = ["ChannelAdaptiveViT", "FixedChannelPatchEmbed", "ChannelViTPatchEmbed", "STEMS"]
 
-STEMS = ("hyper", "fixed", "channelvit")
+STEMS = ("published-hyper", "hyper", "fixed", "channelvit")
 
 
 def _check_names(channels: Sequence[str]) -> list[str]:
@@ -53,6 +57,12 @@ def _mean_init(table: Tensor, names: list[str], unseen: Sequence[str], known: Se
             table.narrow(dim, names.index(c), 1).copy_(mean)
 
 
+def _check_mean_rule(rule: str, stem: str) -> None:
+    if rule != "mean":
+        raise ValueError(f"the {stem} stem gives unseen channels the mean of the known ones only (rule='mean'); "
+                         f"DiChaViT's rules ({rule!r}) are implemented for the hyper stems")
+
+
 class FixedChannelPatchEmbed(nn.Module):
     """A plain p x p patch projection over all known channels. A batch with a subset S of them is
     zero-filled to the full set and rescaled by C / |S| (so the input's total scale is kept), as
@@ -73,9 +83,11 @@ class FixedChannelPatchEmbed(nn.Module):
         full[:, idx] = x * (c / len(idx))
         return self.proj(full)
 
-    def init_unseen_channels(self, unseen: Sequence[str], known: Sequence[str] | None = None) -> None:
+    def init_unseen_channels(self, unseen: Sequence[str], known: Sequence[str] | None = None,
+                             rule: str = "mean") -> None:
         """The input-channel slices of the projection for ``unseen`` channels become the mean of
         the ``known`` ones (an untrained slice would be random)."""
+        _check_mean_rule(rule, "fixed")
         _mean_init(self.proj.weight, self.channel_names, unseen, known, dim=1)
 
 
@@ -98,8 +110,10 @@ class ChannelViTPatchEmbed(nn.Module):
         t = t.reshape(b, s, t.shape[1], t.shape[2])
         return t + self.channel_embedding[idx][None, :, None, :]
 
-    def init_unseen_channels(self, unseen: Sequence[str], known: Sequence[str] | None = None) -> None:
+    def init_unseen_channels(self, unseen: Sequence[str], known: Sequence[str] | None = None,
+                             rule: str = "mean") -> None:
         """An unseen channel's embedding becomes the mean of the known channels' embeddings."""
+        _check_mean_rule(rule, "channelvit")
         _mean_init(self.channel_embedding, self.channel_names, unseen, known, dim=0)
 
 
@@ -108,11 +122,13 @@ class ChannelAdaptiveViT(nn.Module):
 
     Args:
         channels: names of the known input channels.
-        stem: "hyper", "fixed" or "channelvit" (see the module docstring).
+        stem: "published-hyper", "hyper", "fixed" or "channelvit" (see the module docstring).
         num_classes, img_size (square), patch_size, embed_dim, depth, num_heads, mlp_ratio, dropout:
             the usual ViT sizes.
-        metadata, embedding_size, hidden_size, reduction: for stem="hyper" only (see
+        metadata, embedding_size, hidden_size, reduction (default "mean"): for stem="hyper" (see
             ``ChannelHyperPatchEmbed``); ``metadata`` switches on metadata conditioning.
+            ``embedding_size`` and ``hidden_size`` also size the published stem (default 256 each
+            there), with ``out_divisor`` (8).
 
     ``forward(x, channels=None)`` -> logits (B, num_classes); ``forward_features`` -> (B, embed_dim).
     """
@@ -120,7 +136,8 @@ class ChannelAdaptiveViT(nn.Module):
     def __init__(self, channels: Sequence[str] = ("red", "green", "blue"), stem: str = "hyper", num_classes: int = 10,
                  img_size: int = 32, patch_size: int = 4, embed_dim: int = 64, depth: int = 4, num_heads: int = 4,
                  mlp_ratio: float = 2.0, dropout: float = 0.0, metadata: Mapping[str, Sequence[float]] | None = None,
-                 embedding_size: int = 32, hidden_size: int | None = None, reduction: str = "mean") -> None:
+                 embedding_size: int | None = None, hidden_size: int | None = None, reduction: str | None = None,
+                 out_divisor: int = 8) -> None:
         super().__init__()
         if stem not in STEMS:
             raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
@@ -135,9 +152,19 @@ class ChannelAdaptiveViT(nn.Module):
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} is not a multiple of num_heads={num_heads}")
         self.stem_kind, self.img_size, self.patch_size = stem, img_size, patch_size
-        if stem == "hyper":
-            self.stem = ChannelHyperPatchEmbed(channels, embed_dim, patch_size, embedding_size=embedding_size,
-                                               hidden_size=hidden_size, metadata=metadata, reduction=reduction)
+        if stem == "published-hyper":
+            if reduction not in (None, "sum"):
+                raise ValueError(f"the published HyperNet sums over the channels present; reduction={reduction!r} "
+                                 "is for stem='hyper'")
+            self.stem = PublishedHyperPatchEmbed(channels, embed_dim, patch_size,
+                                                 embedding_size=256 if embedding_size is None else embedding_size,
+                                                 hidden_size=256 if hidden_size is None else hidden_size,
+                                                 out_divisor=out_divisor)
+        elif stem == "hyper":
+            self.stem = ChannelHyperPatchEmbed(channels, embed_dim, patch_size,
+                                               embedding_size=32 if embedding_size is None else embedding_size,
+                                               hidden_size=hidden_size, metadata=metadata,
+                                               reduction="mean" if reduction is None else reduction)
         elif stem == "fixed":
             self.stem = FixedChannelPatchEmbed(channels, embed_dim, patch_size)
         else:
@@ -157,14 +184,17 @@ class ChannelAdaptiveViT(nn.Module):
     def channel_names(self) -> list[str]:
         return self.stem.channel_names
 
-    def init_unseen_channels(self, unseen: Sequence[str], known: Sequence[str] | None = None) -> None:
-        """Give channels that were never trained the mean of the trained channels' embeddings
-        (or projection slices, for the fixed stem); a no-op under metadata conditioning."""
-        self.stem.init_unseen_channels(unseen, known)
+    def init_unseen_channels(self, unseen: Sequence[str], known: Sequence[str] | None = None,
+                             rule: str = "mean") -> None:
+        """Give channels that were never trained an embedding by ``rule`` (default: the mean of the
+        trained channels' embeddings, or projection slices for the fixed stem; the hyper stems also
+        take DiChaViT's rules, ``hypernetworks.nn.channels.UNSEEN_RULES``); a no-op under metadata
+        conditioning."""
+        self.stem.init_unseen_channels(unseen, known, rule=rule)
 
     def add_channel(self, name: str, metadata: Sequence[float] | None = None) -> int:
-        if self.stem_kind != "hyper":
-            raise ValueError(f"add_channel is implemented for stem='hyper' only (this model: {self.stem_kind!r})")
+        if self.stem_kind not in ("hyper", "published-hyper"):
+            raise ValueError(f"add_channel is implemented for the hyper stems only (this model: {self.stem_kind!r})")
         return self.stem.add_channel(name, metadata)
 
     def tokens(self, x: Tensor, channels: ChannelSpec = None) -> Tensor:
@@ -189,7 +219,8 @@ _SIZES = {
     "s8": dict(patch_size=8, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0, img_size=224),
     "tiny-p4": dict(patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0, img_size=32),
 }
-_STEM_PREFIX = {"hyper": "hypernet-vit", "fixed": "fixed-vit", "channelvit": "channelvit"}
+_STEM_PREFIX = {"published-hyper": "published-hypernet-vit", "hyper": "hypernet-vit", "fixed": "fixed-vit",
+                "channelvit": "channelvit"}
 
 
 def _make_factory(stem: str, size: str):

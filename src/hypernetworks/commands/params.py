@@ -48,7 +48,11 @@ def _fmt(n: int | None, exact: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="hypernetworks params", description=description(__doc__))
+    p = argparse.ArgumentParser(
+        prog="hypernetworks params", description=description(__doc__),
+        epilog="Columns: 'total' counts every parameter of the model. 'paper convention' is derived, not "
+               "counted: the paper's rounded plain-net figure (WRN 40-1 563,000, WRN 40-2 2,236,000), less "
+               "'generated', plus 'hypernetwork'.")
     p.add_argument("pattern", nargs="?", default=None, help="glob over model names, e.g. '*wrn*'")
     p.add_argument("--millions", action="store_true", help="print counts in millions instead of exactly")
     args = p.parse_args(argv)
@@ -65,10 +69,6 @@ def main(argv: list[str] | None = None) -> int:
         print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
         if k == 0:
             print("  ".join("-" * w for w in widths))
-    if "plain_convention" in cols:
-        print("\n'total' counts every parameter of the model. 'paper convention' is derived, not counted: the "
-              "paper's rounded\nplain-net figure (WRN 40-1 563,000, WRN 40-2 2,236,000), less 'generated', "
-              "plus 'hypernetwork'.")
     return 0
 
 

@@ -16,7 +16,8 @@ def step_path(request, monkeypatch):
     """The fused layers on both step paths: the compiled CPU kernels and the PyTorch-op one (CUDA's)."""
     if request.param == "kernels":
         if _kernels.library() is None:
-            pytest.skip(f"compiled kernels unavailable: {_kernels._state.get('why')}")
+            pytest.skip(f"the compiled step kernels are not available here ({_kernels._state.get('why')}); "
+                        "the PyTorch-op variant of this test still runs")
     else:
         monkeypatch.setattr(_kernels, "_state", {"lib": None, "why": "test: PyTorch-op path"})
     return request.param

@@ -453,7 +453,7 @@ def test_stop_on_non_finite_arguments_are_checked():
 
 
 def test_leftover_temporary_checkpoints_are_removed_on_the_next_start(tmp_path):
-    fcntl = pytest.importorskip("fcntl")  # POSIX write locks tell a live write from a killed one
+    fcntl = pytest.importorskip("fcntl", reason="POSIX file locks (fcntl) are not available on this system")  # POSIX write locks tell a live write from a killed one
 
     folder = tmp_path / "checkpoints"
     folder.mkdir()

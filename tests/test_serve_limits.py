@@ -118,7 +118,7 @@ def _second_loopback() -> str:
         s.bind(("127.0.0.2", 0))
         s.close()
     except OSError:
-        pytest.skip("cannot bind 127.0.0.2 here")
+        pytest.skip("this machine cannot bind a second loopback address (127.0.0.2), which the per-address limit test needs")
     return "127.0.0.2"
 
 
@@ -138,7 +138,7 @@ def _unblock(fifo: Path) -> None:
         pass
 
 
-@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="this system has no named pipes (os.mkfifo), which the test needs")
 def test_fifo_named_ckpt_does_not_wedge_the_server(tmp_path):
     fifo = tmp_path / "evil.ckpt"
     os.mkfifo(tmp_path / "there-at-start.ckpt")
@@ -165,7 +165,7 @@ def test_fifo_named_ckpt_does_not_wedge_the_server(tmp_path):
         server.shutdown()
 
 
-@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="this system has no named pipes (os.mkfifo), which the test needs")
 def test_header_read_never_opens_a_special_file_blocking(tmp_path):
     fifo = tmp_path / "x.ckpt"
     os.mkfifo(fifo)

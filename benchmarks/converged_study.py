@@ -138,6 +138,34 @@ def _params_of(ckpt: Path) -> int:
     return int(sum(v.numel() for k, v in sd.items() if v.dtype.is_floating_point and "running_" not in k))
 
 
+def _chain_dirs(runs_root: Path, study: str, cell: Cell, seed: int) -> list[Path]:
+    """The run folder of (study, cell, seed) and those of the shorter runs it continues."""
+    dirs = [_run_dir(runs_root, study, cell, seed)]
+    while cell.continues:
+        study, key = cell.continues
+        cell = next(c for c in STUDIES[study]["cells"] if c.key == key)
+        dirs.append(_run_dir(runs_root, study, cell, seed))
+    return dirs
+
+
+def best_checkpoint(dirs: list[Path], rows: list[dict], val_metric: str, higher_is_better: bool = False) -> Path | None:
+    """The ``best-step=N.ckpt`` (in any of ``dirs``, the run first) of the validation with the best
+    ``val_metric`` among ``rows`` (the whole run's metrics, continued segments included) that has
+    a checkpoint; ``None`` if no validation has one."""
+    files: dict[int, Path] = {}
+    for d in reversed(dirs):  # the run's own copy wins over its source's
+        for f in (d / "checkpoints").glob("best-*.ckpt"):
+            files[int(f.stem.split("=")[-1])] = f
+    scored = [(float(r[val_metric]), int(float(r["step"]))) for r in rows
+              if r.get(val_metric) not in (None, "") and math.isfinite(float(r[val_metric]))]
+    # a checkpoint is named after the global step at which it was saved: the logged step, or one past it
+    candidates = [(v, files.get(step) or files.get(step + 1)) for v, step in scored]
+    candidates = [(v, f) for v, f in candidates if f is not None]
+    if not candidates:
+        return None
+    return (max if higher_is_better else min)(candidates, key=lambda c: c[0])[1]
+
+
 def run_one(study: str, cell: Cell, seed: int, runs_root: Path, results: Path, data_root: str | None,
             log_dir: Path) -> str:
     rec = _record_dir(results, study, cell, seed)
@@ -158,9 +186,9 @@ def run_one(study: str, cell: Cell, seed: int, runs_root: Path, results: Path, d
         src_dir = _run_dir(runs_root, src_study, src, seed)
         if not (src_dir / "checkpoints" / "last.ckpt").is_file():
             return f"{rec}: waiting for {src_dir} (run study {src_study!r} first)"
-        # (its best checkpoint stays behind: the best of the continued run is chosen among the
-        # validations after the shorter cap, where the learning curves are still falling)
-        shutil.copytree(src_dir, run_dir, ignore=shutil.ignore_patterns("tb", "best-*.ckpt"))
+        # its best checkpoint comes along, and the checkpoint callback keeps its score (a moved
+        # folder), so a continuation without a new best keeps the source's best model
+        shutil.copytree(src_dir, run_dir, ignore=shutil.ignore_patterns("tb"))
     fit = _hn("fit", *common, *(["--ckpt_path", "last"] if last.is_file() else []))
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{run_dir.name}.log"
@@ -173,12 +201,10 @@ def run_one(study: str, cell: Cell, seed: int, runs_root: Path, results: Path, d
     def bests(d: Path) -> list[Path]:
         return sorted((d / "checkpoints").glob("best-*.ckpt"), key=lambda p: int(p.stem.split("=")[-1]))
 
-    best = bests(run_dir)
-    if not best and cell.continues:
-        # no validation of the continuation beat the shorter run's best: that one is the best model
-        src_study, src_key = cell.continues
-        src = next(c for c in STUDIES[src_study]["cells"] if c.key == src_key)
-        best = bests(_run_dir(runs_root, src_study, src, seed))
+    spec = STUDIES[study]
+    best = best_checkpoint(_chain_dirs(runs_root, study, cell, seed), _merged_metrics(run_dir), spec["val_metric"],
+                           higher_is_better=spec["val_metric"].endswith("acc"))
+    best = [best] if best is not None else []
     if rc != 0 or not best:
         tail = log.read_text().splitlines()[-15:]
         info.update(status="failed", returncode=rc, reason="\n".join(tail))
@@ -194,16 +220,17 @@ def run_one(study: str, cell: Cell, seed: int, runs_root: Path, results: Path, d
             info["status"] = "ok"
     rows = _merged_metrics(run_dir)
     rec.mkdir(parents=True, exist_ok=True)
-    configs = sorted((run_dir / "csv").glob("version_*/config.yaml")) or sorted(run_dir.glob("**/config.yaml"))
+    # the configuration of the last segment: the one that ran (a continuation changes the epoch cap)
+    configs = sorted((run_dir / "csv").glob("version_*/config.yaml"), key=lambda p: int(p.parent.name.split("_")[1]))
+    configs = configs or sorted(run_dir.glob("**/config.yaml"), key=lambda p: p.stat().st_mtime)
     if configs:
-        shutil.copy(configs[0], rec / "config.yaml")
+        shutil.copy(configs[-1], rec / "config.yaml")
     fit_rows = [r for r in rows if not any(k.startswith("test_") for k in r)]
     with open(rec / "metrics.csv", "w", newline="") as fh:
         keys = sorted({k for r in fit_rows for k in r}, key=lambda k: (k not in ("step", "epoch"), k))
         w = csv.DictWriter(fh, fieldnames=keys)
         w.writeheader()
         w.writerows(fit_rows)
-    spec = STUDIES[study]
     vals = [(int(float(r["step"])), float(r[spec["val_metric"]])) for r in fit_rows if spec["val_metric"] in r]
     walls = [float(r["wall_s"]) for r in fit_rows if "wall_s" in r]
     tests = [r for r in rows if any(k.startswith("test_") for k in r)]

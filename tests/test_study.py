@@ -96,3 +96,54 @@ def test_wall_clock_survives_a_resume():
     clock = WallClock()
     clock.load_state_dict({"elapsed": 12.5})
     assert clock.state_dict()["elapsed"] == pytest.approx(12.5)
+
+
+def test_continuation_without_a_new_best_tests_the_sources_best(tmp_path):
+    """The tested checkpoint is the best by validation over the whole chain: a continuation whose
+    validations are all worse than its source's best uses the source's best checkpoint."""
+    study = _study_module()
+    src, run = tmp_path / "ptb-long-x-seed0", tmp_path / "ptb-plateau-x-seed0"
+    for d, steps in ((src, (392, 785)), (run, (1177, 1570))):
+        (d / "checkpoints").mkdir(parents=True)
+        for s in steps:
+            (d / "checkpoints" / f"best-step={s}.ckpt").write_bytes(b"")
+    rows = [{"step": "391", "val_bpc": "1.70"}, {"step": "784", "val_bpc": "1.60"},    # source: best 1.60
+            {"step": "1176", "val_bpc": "1.61"}, {"step": "1569", "val_bpc": "1.6001"},  # continuation: worse
+            {"step": "1600", "train_bpc": "1.2"}]
+    assert study.best_checkpoint([run, src], rows, "val_bpc") == src / "checkpoints" / "best-step=785.ckpt"
+    rows.append({"step": "1960", "val_bpc": "1.59"})
+    (run / "checkpoints" / "best-step=1961.ckpt").write_bytes(b"")
+    assert study.best_checkpoint([run, src], rows, "val_bpc") == run / "checkpoints" / "best-step=1961.ckpt"
+    assert study.best_checkpoint([run], [{"step": "5", "val_bpc": "nan"}], "val_bpc") is None
+
+
+def test_checkpoint_callback_keeps_its_best_score_in_a_copied_run_folder(tmp_path):
+    """Lightning drops best_model_score when the folder changed; a continued run in a new folder
+    would then call its first, possibly worse, validation the best."""
+    from hypernetworks.training import BestAndLastCheckpoint
+
+    old, new = str(tmp_path / "a" / "checkpoints"), str(tmp_path / "b" / "checkpoints")
+    saved = BestAndLastCheckpoint(dirpath=old, monitor="val_bpc", mode="min", filename="best-{step}")
+    saved.best_model_score = torch.tensor(1.5)
+    saved.best_model_path = f"{old}/best-step=10.ckpt"
+    saved.best_k_models = {saved.best_model_path: torch.tensor(1.5)}
+    saved.kth_best_model_path = saved.best_model_path
+    saved.last_model_path = f"{old}/last.ckpt"
+    loaded = BestAndLastCheckpoint(dirpath=new, monitor="val_bpc", mode="min", filename="best-{step}")
+    loaded.load_state_dict(saved.state_dict())
+    assert float(loaded.best_model_score) == 1.5
+    assert loaded.best_model_path == f"{new}/best-step=10.ckpt"
+    assert list(loaded.best_k_models) == [f"{new}/best-step=10.ckpt"]
+
+
+def test_lr_min_floors_the_plateau_schedule(tmp_path):
+    torch.manual_seed(0)
+    task = LanguageModelTask(cell="lstm", hidden_size=8, lr=2e-3, lr_plateau_factor=0.5, lr_plateau_patience=0,
+                             lr_plateau_threshold=100.0, lr_min=1e-3)
+    dm = PydocTextDataModule(batch_size=4, seq_len=10, eval_batch_size=4)
+    trainer = Trainer(max_steps=8, val_check_interval=2, limit_val_batches=2, num_sanity_val_steps=0,
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(task, dm)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3)  # 2e-3 halved 3 times, floored
+    with pytest.raises(ValueError, match="lr_min"):
+        LanguageModelTask(lr=1e-3, lr_min=1e-2)

@@ -320,6 +320,24 @@ class BestAndLastCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero and self.dirpath and "://" not in str(self.dirpath):
             remove_stale_temporaries(self.dirpath)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning forgets the best score when the run folder was copied or moved (a continued
+        # run in a new folder): the next validation then becomes "best" even when it is worse. The
+        # saved paths are moved into this folder by file name instead, and the score is kept.
+        old = state_dict.get("dirpath")
+        if old and self.dirpath and old != self.dirpath and "://" not in str(self.dirpath):
+            def moved(path: Any) -> Any:
+                if isinstance(path, str) and path and os.path.dirname(path) == old:
+                    return os.path.join(self.dirpath, os.path.basename(path))
+                return path
+
+            state_dict = dict(state_dict, dirpath=self.dirpath,
+                              **{k: moved(state_dict.get(k)) for k in
+                                 ("best_model_path", "kth_best_model_path", "last_model_path") if k in state_dict})
+            if isinstance(state_dict.get("best_k_models"), dict):
+                state_dict["best_k_models"] = {moved(k): v for k, v in state_dict["best_k_models"].items()}
+        super().load_state_dict(state_dict)
+
     def _save_topk_checkpoint(self, trainer, monitor_candidates) -> None:
         current = monitor_candidates.get(self.monitor) if self.monitor is not None else None
         if isinstance(current, torch.Tensor) and not torch.isfinite(current).all():

@@ -448,6 +448,18 @@ def test_chammi_benchmark_through_hypernetworks_test(tmp_path, monkeypatch):
     rest = [ref[s][t]["f1_macro"] for s in ("Allen", "HPA", "CP") for t in CHAMMI_TASKS[s]][1:]
     assert agg["score_f1"] == pytest.approx(sum(rest) / 8)  # the published code: every task but WTC Task_one
     assert agg["HPA/ood_f1"] == pytest.approx((ref["HPA"]["Task_two"]["f1_macro"] + ref["HPA"]["Task_three"]["f1_macro"]) / 2)
+    # benchmarks/chammi_benchmark.py prints and writes the same numbers from the checkpoint
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("chammi_benchmark_script", REPO / "benchmarks/chammi_benchmark.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "scores.json"
+    assert script.main([str(tmp_path / "runs" / "r" / "checkpoints" / "last.ckpt"), "--root", str(root),
+                        "--img-size", "8", "--batch-size", "7", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["aggregate"]["score_f1"] == pytest.approx(m["chammi/score_f1"], abs=1e-6)
+    assert saved["tasks"]["CP"]["Task_four"]["f1_macro"] == pytest.approx(m["chammi/CP/Task_four/f1_macro"], abs=1e-6)
 
 
 def test_chammi_single_task_split_and_head_only_test(tmp_path):

@@ -5,8 +5,8 @@ Per sub-dataset a metadata CSV ``<sub>/enriched_meta.csv`` with ``file_path`` (r
 root), ``channel_width``, ``train_test_split`` (Train, Task_one, ...), ``Label`` and the task
 columns; each image is one PNG strip of its channels side by side, folded back here to
 (C, H, channel_width). Batches must hold one sub-dataset (``SubDatasetBatchSampler``);
-``collate_channels`` returns ``(x, y, channel_names)`` (plus the samples' indices for the
-benchmark's test set). The benchmark's scoring (1-nearest-neighbour macro-F1) is
+``collate_channels`` returns ``(x, y, channel_names)`` (plus each sample's ``[index, in_task]``
+in the benchmark's test set, ``CHAMMI(with_info=True)``). The benchmark's scoring (1-nearest-neighbour macro-F1) is
 ``hypernetworks.tasks.chammi_metrics``.
 """
 from __future__ import annotations

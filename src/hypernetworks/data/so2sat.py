@@ -1,9 +1,9 @@
 """So2Sat LCZ42 (Zhu et al., 2020) in its published HDF5 format.
 
 The files read here are the **version 2** release, whose files are the "city split" (DiChaViT's
-README: "We use the city split (version 2)"): ``training.h5`` / ``validation.h5`` / ``testing.h5``, each with ``sen1``
-(N, 32, 32, 8) Sentinel-1 SAR, ``sen2`` (N, 32, 32, 10) Sentinel-2 bands and a one-hot ``label``
-(N, 17). Read lazily with h5py (one sample per access; the files are about 50 GB).
+README: "We use the city split (version 2)"): ``training.h5`` / ``validation.h5`` /
+``testing.h5``, each with ``sen1`` (N, 32, 32, 8) Sentinel-1 SAR, ``sen2`` (N, 32, 32, 10)
+Sentinel-2 bands and a one-hot ``label`` (N, 17). Read lazily with h5py (one sample per access; the files are about 50 GB).
 ``So2SatLCZ42`` returns ``(image, label)`` with image a float32 (C, 32, 32) tensor; missing files
 raise FileNotFoundError, truncated or corrupt ones ``DatasetFileError`` naming the file.
 """

@@ -475,6 +475,14 @@ def test_chammi_single_task_split_and_head_only_test(tmp_path):
     assert len(plain.test_set) == 4 and len(next(iter(plain.test_dataloader()))) == 3
     with pytest.raises(ValueError, match="test_split"):
         CHAMMIDataModule(str(tmp_path), test_split="Task_five")
+    # features of only part of the test set (limit_test_batches, a sharded test): a warning, no scores
+    from hypernetworks.tasks.channels import chammi_test_scores
+
+    with pytest.warns(UserWarning, match="every test sample"):
+        assert chammi_test_scores([(info[:3, 0], torch.randn(3, 4))], dm.test_set) == {}
+    full = [(torch.arange(len(dm.test_set)), torch.randn(len(dm.test_set), 4))]
+    assert list(chammi_test_scores(full, dm.test_set)) == ["HPA"]
+    assert list(chammi_test_scores(full, dm.test_set)["HPA"]) == ["Task_three"]
 
 
 def test_old_module_names_still_resolve():

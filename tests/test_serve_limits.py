@@ -142,7 +142,14 @@ def _unblock(fifo: Path) -> None:
 def test_fifo_named_ckpt_does_not_wedge_the_server(tmp_path):
     fifo = tmp_path / "evil.ckpt"
     os.mkfifo(tmp_path / "there-at-start.ckpt")
-    server = _server(tmp_path)
+    made: list = []
+    starter = threading.Thread(target=lambda: made.append(_server(tmp_path)), daemon=True)
+    starter.start()
+    starter.join(TIMEOUT)
+    if not made:
+        _unblock(tmp_path / "there-at-start.ckpt")
+        pytest.fail("the server did not start with a FIFO named *.ckpt in its folder")
+    server = made[0]
     try:
         os.mkfifo(fifo)  # after start: the folder changed, so the next request rescans
         t0 = time.monotonic()
@@ -284,6 +291,12 @@ def test_slow_headers_get_408_and_are_closed(tmp_path):
         assert status == 408 and data["status"] == 408 and "headers" in data["error"]
         assert 0.5 < closed_after < 3.5
         assert server.protocol.stats["headers_timeouts"] == 1
+        # A connection that sends nothing at all is closed too.
+        s = _raw(server)
+        t0 = time.monotonic()
+        status, data = _parse_raw(_read_all(s))
+        s.close()
+        assert status == 408 and 0.5 < time.monotonic() - t0 < 3
         # A client that sends its headers in time, slowly, is served; and the next request on the
         # same connection has a fresh deadline.
         conn = http.client.HTTPConnection(*server.server_address, timeout=TIMEOUT)
@@ -417,6 +430,39 @@ def test_errors_from_every_layer_are_json(tmp_path):
     finally:
         gated.gate.set()
         server.shutdown()
+
+
+def test_plain_text_errors_inside_the_app_become_json():
+    """The last-resort middleware: an error response that is not JSON (from any part of the app or
+    a library) reaches the client as {"error", "status"}; JSON errors and successes pass as they are."""
+    import asyncio
+
+    from starlette.responses import JSONResponse, PlainTextResponse
+
+    from hypernetworks.serve.app import JSONErrorsMiddleware
+
+    async def call(inner):
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        await JSONErrorsMiddleware(inner)({"type": "http", "method": "GET", "path": "/", "headers": []}, receive, send)
+        headers = dict(sent[0].get("headers", []))
+        return sent[0]["status"], headers.get(b"content-type", b""), b"".join(m.get("body", b"") for m in sent[1:])
+
+    status, ctype, body = asyncio.run(call(PlainTextResponse("Service Unavailable", status_code=503)))
+    assert (status, ctype) == (503, b"application/json")
+    assert json.loads(body) == {"error": "Service Unavailable", "status": 503}
+    status, ctype, body = asyncio.run(call(PlainTextResponse("", status_code=413)))
+    assert json.loads(body) == {"error": http.HTTPStatus(413).phrase, "status": 413}
+    status, ctype, body = asyncio.run(call(JSONResponse({"error": "x", "status": 404}, status_code=404)))
+    assert json.loads(body) == {"error": "x", "status": 404}
+    status, ctype, body = asyncio.run(call(PlainTextResponse("fine")))
+    assert (status, body) == (200, b"fine")
 
 
 def test_cli_limits_are_options(tmp_path, capsys):

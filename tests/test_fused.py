@@ -443,3 +443,31 @@ def test_work_buffers_of_live_graphs_are_never_reused(kind, monkeypatch):
         for g, h in zip(expected, got, strict=True):
             torch.testing.assert_close(g, h, rtol=0, atol=0)
     assert max(_slots(m).values()) == 2
+
+
+@pytest.mark.parametrize("kind", ["hyper", "lstm"])
+def test_cuda_graphed_falls_back_to_the_layer_off_cuda(kind):
+    """``layer.cuda_graphed(sample)`` captures CUDA graphs only for CUDA tensors; on CPU (and for a
+    PackedSequence) the wrapper says why not and calls the layer itself: the same outputs, states and
+    gradients, and no second copy of the layer's parameters in its state dict."""
+    torch.manual_seed(5)
+    m = make(kind, layer_norm=True)
+    x = torch.randn(T, B, I, dtype=torch.double)
+    hx = tuple(torch.randn(1, B, n, dtype=torch.double) for n in m.cells[0].state_sizes)
+    g = m.cuda_graphed(x, hx)
+    assert not g.graphed and "not a CUDA tensor" in g.why_not
+    assert set(g.state_dict()) == {f"module.{k}" for k in m.state_dict()}
+    for state in (hx, None):
+        want = run(m, x, state, fused=True)
+        set_fused(m, True)
+        m.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_()
+        out, new_state = g(xg, state)
+        weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+        ((out * weights).sum() + sum((k + 1) * s.pow(2).sum() for k, s in enumerate(new_state))).backward()
+        torch.testing.assert_close(out, want[0], rtol=0, atol=0)
+        for s, t in zip(new_state, want[1], strict=True):
+            torch.testing.assert_close(s, t, rtol=0, atol=0)
+        torch.testing.assert_close(xg.grad, want[2][0], rtol=0, atol=0)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([T, T - 1]), enforce_sorted=False)
+    assert "PackedSequence" in m.cuda_graphed(packed).why_not

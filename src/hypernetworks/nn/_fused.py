@@ -918,10 +918,10 @@ def packed_forward(cell, x: torch.Tensor, state, mask: torch.Tensor):
 def _torch_lstm(cell, x, h0, c0):
     """Plain LSTM: torch's fused kernel (oneDNN on CPU, cuDNN on GPU), gates permuted to i, f, g, o."""
     H = cell.hidden_size
-    perm = torch.tensor(_GATE_PERM, device=x.device)
 
-    def permute(w):
-        return w.view(4, H, *w.shape[1:]).index_select(0, perm).reshape(w.shape)
+    def permute(w):  # gate blocks by slicing: no index tensor to copy to the device (CUDA-graph capture)
+        blocks = w.view(4, H, *w.shape[1:])
+        return torch.cat([blocks[k] for k in _GATE_PERM]).reshape(w.shape)
 
     def build():
         weights = [permute(cell.weight_ih), permute(cell.weight_hh)]

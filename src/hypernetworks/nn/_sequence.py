@@ -25,6 +25,8 @@ State forms (``hx`` in, state out; the state comes back in the form it went in):
 """
 from __future__ import annotations
 
+import functools
+import sys
 from typing import Sequence
 
 import torch
@@ -147,6 +149,24 @@ def _reverse_time(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
     return t.gather(0, idx)
 
 
+class _compiler_opaque:
+    """Method decorator: ``torch.compiler.disable(method)``, applied on first use once torch.compile
+    has loaded ``torch._dynamo`` (applying it at import would load dynamo, ~1 s, into every
+    ``import hypernetworks``); until then nothing can be compiling and the plain method runs."""
+
+    def __init__(self, fn):
+        self.fn, self.disabled = fn, None
+        functools.update_wrapper(self, fn)
+
+    def __get__(self, obj, cls=None):
+        fn = self.fn
+        if "torch._dynamo" in sys.modules:
+            if self.disabled is None:
+                self.disabled = torch.compiler.disable(fn)
+            fn = self.disabled
+        return fn if obj is None else fn.__get__(obj, cls)
+
+
 class RecurrentLayers(nn.Module):
     """A stack of recurrent cells with torch.nn.LSTM's forward contract.
 
@@ -186,6 +206,11 @@ class RecurrentLayers(nn.Module):
         """Re-initialise every cell (both directions), as nn.LSTM.reset_parameters() does."""
         for cell in [*self.cells, *getattr(self, "cells_reverse", [])]:
             cell.reset_parameters()
+
+    def cuda_graphed(self, sample_input, hx=None, num_warmup_iters: int = 3) -> "CUDAGraphed":
+        """This layer with its forward and backward captured as CUDA graphs for inputs shaped like
+        ``sample_input`` (opt-in; see ``CUDAGraphed``). Off CUDA the wrapper calls the layer itself."""
+        return CUDAGraphed(self, sample_input, hx, num_warmup_iters)
 
     def flatten_parameters(self) -> None:
         """No-op, for code written for torch.nn.LSTM (which calls it after loading or moving a
@@ -276,7 +301,7 @@ class RecurrentLayers(nn.Module):
     # torch.compile: each layer's run stays eager, an opaque call between the compiled parts of a
     # model (dynamo would otherwise trace into the fused Functions' time loops, whose step
     # kernels and oneDNN calls inductor cannot lower, or unroll the reference loop step by step).
-    @torch.compiler.disable
+    @_compiler_opaque
     def _run_layer(self, cell, x, state: State, mask, rec):
         if rec is None:
             # A whole-sequence fused path (see _fused.py) when the cell has one for its config;
@@ -316,3 +341,92 @@ class RecurrentLayers(nn.Module):
             lengths = lengths.index_select(0, like.sorted_indices.cpu())
         data = pack_padded_sequence(padded, lengths, enforce_sorted=True).data
         return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
+
+
+# -- opt-in CUDA-graph replay ----------------------------------------------------------------------
+class CUDAGraphed(nn.Module):
+    """A recurrent layer whose forward and backward replay CUDA graphs captured once for one input
+    shape (``torch.cuda.make_graphed_callables``): the time loop's hundreds of kernel launches per
+    step go to the GPU as two graph launches. Build it with ``layer.cuda_graphed(sample_input, hx)``.
+
+    ``forward(input, hx=None)`` replays the graphs when the call matches the capture (a CUDA tensor
+    of the sample's shape, dtype and device; ``hx`` None if the sample had none, else states of the
+    sample's shapes; the same training mode and autocast state) and otherwise calls the layer
+    itself, so a last short batch or an evaluation call still runs. ``graphed`` says whether a
+    capture exists, ``why_not`` why not (no CUDA tensor, a PackedSequence, a failed capture).
+
+    Constraints of graph replay (PyTorch's): outputs live in the graph's static buffers, so the
+    next call overwrites them (clone what must outlive it); each forward is followed by at most one
+    backward before the next forward; parameters must stay where they are (an optimizer's in-place
+    update is fine, replacing a tensor is not); under autocast, capture and call with
+    ``torch.autocast(..., cache_enabled=False)``. Recurrent dropout draws fresh masks per replay
+    (PyTorch's graph-safe random generator).
+    """
+
+    def __init__(self, module: nn.Module, sample_input, hx=None, num_warmup_iters: int = 3):
+        super().__init__()
+        self.module = module
+        self.graphed = False
+        self.why_not: str | None = None
+        object.__setattr__(self, "_flat", None)  # not a submodule: no second copy of the layer's keys
+        self._key = None
+        if isinstance(sample_input, PackedSequence):
+            self.why_not = "PackedSequence input (its lengths are read on the host each call): runs the layer itself"
+        elif not isinstance(sample_input, torch.Tensor) or sample_input.device.type != "cuda":
+            where = sample_input.device if isinstance(sample_input, torch.Tensor) else type(sample_input).__name__
+            self.why_not = f"the sample input is not a CUDA tensor ({where}): runs the layer itself"
+        elif not torch.cuda.is_available():
+            self.why_not = "CUDA is not available: runs the layer itself"
+        else:
+            try:
+                self._capture(sample_input, hx, num_warmup_iters)
+                self.graphed = True
+            except Exception as e:  # a capture that fails leaves the eager layer in charge
+                object.__setattr__(self, "_flat", None)
+                self.why_not = f"capture failed ({type(e).__name__}: {str(e)[:300]}): runs the layer itself"
+
+    @staticmethod
+    def _state_list(hx):
+        if hx is None:
+            return []
+        return [hx] if isinstance(hx, torch.Tensor) else list(hx)
+
+    def _call_key(self, input, hx):
+        state = self._state_list(hx)
+        dev = input.device.type if isinstance(input, torch.Tensor) else None
+        amp = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)) if dev == "cuda" else None
+        return (tuple(input.shape), input.dtype, input.device, input.requires_grad, hx is None or isinstance(hx, torch.Tensor),
+                tuple((tuple(s.shape), s.dtype, s.requires_grad) for s in state), self.module.training, amp)
+
+    def _capture(self, x, hx, warmup: int) -> None:
+        layer, state = self.module, self._state_list(hx)
+        tensor_hx = isinstance(hx, torch.Tensor)
+        has_hx = hx is not None
+
+        class _Flat(nn.Module):  # tensors in, tensors out, as make_graphed_callables wants
+            def __init__(self):
+                super().__init__()
+                self.layer = layer
+
+            def forward(self, input, *st):
+                h = (st[0] if tensor_hx else tuple(st)) if has_hx else None
+                out, new = self.layer(input, h)
+                return (out, new) if isinstance(new, torch.Tensor) else (out, *new)
+
+        flat = _Flat()
+        graphed = torch.cuda.make_graphed_callables(flat, (x, *state), num_warmup_iters=warmup,
+                                                    allow_unused_input=True)
+        object.__setattr__(self, "_flat", graphed)
+        self._key = self._call_key(x, hx)
+
+    def forward(self, input, hx=None):
+        if not self.graphed or not isinstance(input, torch.Tensor) or self._call_key(input, hx) != self._key:
+            return self.module(input, hx)
+        outs = self._flat(input, *self._state_list(hx))
+        out, state = outs[0], tuple(outs[1:])
+        return out, (state[0] if len(state) == 1 and isinstance(hx, torch.Tensor) else state)
+
+
+def cuda_graphed(module: nn.Module, sample_input, hx=None, num_warmup_iters: int = 3) -> CUDAGraphed:
+    """``CUDAGraphed(module, sample_input, hx)``: see there (opt-in; on CPU the layer itself runs)."""
+    return CUDAGraphed(module, sample_input, hx, num_warmup_iters)

@@ -305,6 +305,10 @@ def test_slow_headers_get_408_and_are_closed(tmp_path):
             resp = conn.getresponse()
             assert resp.status == 200 and resp.read()
             time.sleep(0.4)  # 1.2 s on one connection in all: more than one header timeout
+        # The next request on a kept-alive connection that does not come in time gets the 408 too.
+        conn.sock.sendall(b"GET /api/checkpoints HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        status, data = _parse_raw(_read_all(conn.sock))
+        assert status == 408
         conn.close()
     finally:
         server.shutdown()

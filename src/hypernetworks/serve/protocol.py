@@ -159,12 +159,14 @@ class LimitedH11Protocol(H11Protocol):
         self.stats[f"{phase}_timeouts"] += 1
         seconds = self.limits.header_timeout if phase == "headers" else self.limits.body_timeout
         cycle = self.cycle
-        answered = cycle is not None and cycle.response_started
-        if phase == "body" and cycle is not None:
-            # The app may be waiting for the body: it sees the client as gone.
-            cycle.disconnected = True
-            cycle.message_event.set()
-        if not answered and (phase == "headers" or cycle is not None):
+        if phase == "headers":  # between requests: nothing is being answered
+            answer = self.conn.our_state is h11.IDLE
+        else:
+            answer = cycle is not None and not cycle.response_started
+            if cycle is not None:  # the app may be waiting for the body: it sees the client as gone
+                cycle.disconnected = True
+                cycle.message_event.set()
+        if answer:
             what = "headers" if phase == "headers" else "body"
             self.transport.write(raw_error_response(
                 408, f"request {what} not received within {seconds:g} s; closing the connection"))

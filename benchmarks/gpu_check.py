@@ -139,6 +139,13 @@ def _inputs(shape: str, s: dict, dtype, device):
     return x.to(device, dtype), hx
 
 
+def _loss(out, state):
+    """A loss that touches every output and state, scaled like a training loss (a mean)."""
+    w = torch.linspace(-1, 1, out.numel(), device=out.device, dtype=torch.float32).view_as(out)
+    total = (out.float() * w).sum() + sum((k + 1) * s.float().pow(2).sum() for k, s in enumerate(state))
+    return total / out.numel()
+
+
 def _run(m, x, fused: bool, amp_dtype=None, scaler=None):
     """Output, state and every gradient of a loss touching all outputs and states."""
     for c in _cells(m):
@@ -153,8 +160,7 @@ def _run(m, x, fused: bool, amp_dtype=None, scaler=None):
     with torch.autocast(dev, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
         out, state = m(x_in)
     out = out.data if isinstance(out, torch.nn.utils.rnn.PackedSequence) else out
-    w = torch.linspace(-1, 1, out.numel(), device=out.device, dtype=torch.float32).view_as(out)
-    loss = (out.float() * w).sum() + sum((k + 1) * s.float().pow(2).sum() for k, s in enumerate(state))
+    loss = _loss(out, state)
     (scaler.scale(loss) if scaler is not None else loss).backward()
     inv = 1.0 / scaler.get_scale() if scaler is not None else 1.0
     grads = [data.grad * inv] + [(p.grad * inv if p.grad is not None else torch.zeros_like(p)) for p in m.parameters()]
@@ -252,9 +258,7 @@ def _run_graphed(g, x):
     m.zero_grad(set_to_none=True)
     data = x.detach().clone().requires_grad_()
     out, state = g(data)
-    w = torch.linspace(-1, 1, out.numel(), device=out.device, dtype=torch.float32).view_as(out)
-    loss = (out.float() * w).sum() + sum((k + 1) * s.float().pow(2).sum() for k, s in enumerate(state))
-    loss.backward()
+    _loss(out, state).backward()
     return [out, *state, data.grad, *[(p.grad if p.grad is not None else torch.zeros_like(p)) for p in m.parameters()]]
 
 
@@ -269,18 +273,17 @@ def speed(device: torch.device, quick: bool, repeats: int | None) -> tuple[dict,
         names = list(SPEED_MODELS)
         times = rnn_speed.time_models(names, size, device, repeats)
         rows = {n: {"seconds": times[n], "x_torch_lstm": times[n] / times["torch.nn.LSTM"]} for n in names}
-        # the CUDA-graph replays of the same layers (opt-in wrapper), timed the same way
-        graph_times = _time_graphed(("HyperLSTM", "LN HyperLSTM", "LN LSTM"), size, device, repeats, skipped)
-        for n, t in graph_times.items():
-            rows[f"{n} (CUDA graph)"] = {"seconds": t, "x_torch_lstm": t / times["torch.nn.LSTM"]}
         if device.type == "cuda":
             for n in names:
                 torch.cuda.empty_cache()
                 rows[n]["peak_mib"] = rnn_speed.peak_memory_here(n, size, device) / 2**20
-            for n in rows:
-                rows[n]["memory_x_torch_lstm"] = (rows[n].get("peak_mib", float("nan"))
-                                                  / rows["torch.nn.LSTM"]["peak_mib"])
-        else:
+                rows[n]["memory_x_torch_lstm"] = rows[n]["peak_mib"] / rows["torch.nn.LSTM"]["peak_mib"]
+        # the CUDA-graph replays of the same layers (opt-in wrapper), timed the same way
+        for n, (t, pool) in _time_graphed(("HyperLSTM", "LN HyperLSTM", "LN LSTM"), size, device, repeats,
+                                          skipped).items():
+            rows[f"{n} (CUDA graph)"] = {"seconds": t, "x_torch_lstm": t / times["torch.nn.LSTM"],
+                                         "graph_memory_mib": pool}
+        if device.type != "cuda":
             skipped.append("peak memory: measured on CUDA only here (CPU: benchmarks/rnn_speed.py, a subprocess per model)")
         tables[f"batch {batch}"] = {"size": size, "rows": rows}
     return {"repeats": repeats, "clock": "wall, synchronised", "tables": tables, "skipped": sorted(set(skipped)),
@@ -293,15 +296,19 @@ def _time_graphed(names, size, device, repeats, skipped) -> dict:
     if device.type != "cuda":
         skipped.append("CUDA-graph rows: CUDA only")
         return {}
-    x = rnn_speed.make_input(size, device, False).requires_grad_()
-    out = {}
-    graphs = {}
+    x = rnn_speed.make_input(size, device, False)  # as the eager rows: no gradient for the input
+    out, graphs, pools = {}, {}, {}
     for n in names:
         torch.manual_seed(0)
-        g = _sequence.cuda_graphed(rnn_speed.build(n, size).to(device), x)
+        m = rnn_speed.build(n, size).to(device)
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        g = _sequence.cuda_graphed(m, x)
         if not g.graphed:
             skipped.append(f"{n} (CUDA graph): {g.why_not}")
             continue
+        torch.cuda.synchronize(device)
+        pools[n] = (torch.cuda.memory_allocated(device) - before) / 2**20  # static buffers + the graphs' pool
         graphs[n] = g
     times = {n: [] for n in graphs}
     for r in range(repeats + 1):
@@ -315,18 +322,24 @@ def _time_graphed(names, size, device, repeats, skipped) -> dict:
                 times[n].append(time.perf_counter() - t0)
             g.module.zero_grad(set_to_none=True)
     for n, v in times.items():
-        out[n] = statistics.median(v)
+        out[n] = (statistics.median(v), pools[n])
+    graphs.clear()
+    torch.cuda.empty_cache()
     return out
 
 
 def _markdown(tables: dict) -> str:
     lines = []
     for label, t in tables.items():
-        lines.append(f"{label}: | model | fwd+bwd (s) | x torch.nn.LSTM | peak (MiB) | memory x |")
+        lines += [f"\n{label}:\n", "| model | fwd+bwd (s) | / torch.nn.LSTM | peak memory (MiB) | / torch.nn.LSTM |",
+                  "|---|---:|---:|---:|---:|"]
         for n, r in t["rows"].items():
-            mem = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "n/a"
-            memx = f"{r['memory_x_torch_lstm']:.2f}x" if r.get("memory_x_torch_lstm") == r.get(
-                "memory_x_torch_lstm") and "memory_x_torch_lstm" in r else "n/a"
+            if "peak_mib" in r:
+                mem, memx = f"{r['peak_mib']:.0f}", f"{r['memory_x_torch_lstm']:.2f}x"
+            elif "graph_memory_mib" in r:
+                mem, memx = f"{r['graph_memory_mib']:.0f} (graph buffers)", ""
+            else:
+                mem, memx = "n/a", "n/a"
             lines.append(f"| {n} | {r['seconds']:.4f} | {r['x_torch_lstm']:.2f}x | {mem} | {memx} |")
     return "\n".join(lines)
 

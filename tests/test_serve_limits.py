@@ -184,6 +184,22 @@ def test_header_read_never_opens_a_special_file_blocking(tmp_path):
     assert not reader.is_alive() and result == {"class": None}
 
 
+def test_header_read_refuses_a_compressed_archive_before_unpacking(tmp_path, monkeypatch):
+    """A small file whose zip member inflates to a lot is refused from the zip directory alone:
+    nothing is inflated and torch.load is never called."""
+    import zipfile
+
+    bomb = tmp_path / "bomb.ckpt"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("bomb/data.pkl", b"\0" * (8 << 20))
+    assert bomb.stat().st_size < 1 << 20
+    calls = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(a))
+    t0 = time.monotonic()
+    assert index_mod._stored_class_path(bomb) is None
+    assert calls == [] and time.monotonic() - t0 < 1
+
+
 def test_rescan_happens_outside_the_index_lock(tmp_path, monkeypatch):
     """While one thread reads a new file's header (here: blocked), others answer at once from the
     last listing; the new file appears once that read is done."""

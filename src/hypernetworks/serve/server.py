@@ -168,9 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-connections", type=int, default=d.max_connections, metavar="N",
                    help=f"open connections allowed in all; a further one gets 503 and is closed (default {d.max_connections})")
     g.add_argument("--stall-timeout", type=float, default=d.stall_timeout, metavar="S",
-                   help="seconds a response (a generation's event stream, say) may go without the client "
-                   "reading any of it; then the connection is closed and the generation stopped "
-                   f"(default {d.stall_timeout:g})")
+                   help="seconds a response (a generation's event stream, say) may stay blocked because "
+                   "the client is not reading it; then the connection is closed and the generation "
+                   f"stopped (default {d.stall_timeout:g})")
     return p
 
 

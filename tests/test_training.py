@@ -141,3 +141,104 @@ def test_last_checkpoint_is_the_latest_state_even_without_improvement(tmp_path):
     ckpts = tmp_path / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("best-*.ckpt")) == ["best-step=2.ckpt"]
     assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 8
+
+
+# ----------------------------------------------------------------------------- short trials, resumes, progress
+
+def _csv_rows(path):
+    import csv
+
+    with open(path, newline="") as f:
+        return [{k: v for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+
+
+def test_a_short_trial_validates_and_keeps_a_best_checkpoint(tmp_path):
+    """max_steps cuts the recipe (val_check_interval 100) before its first validation: the run still
+    validates at its last step, so it leaves a metric and a best checkpoint."""
+    run_cli(["fit", "--config", str(REPO / "configs/pydoc-lstm.yaml"), "--runs_root", str(tmp_path), "--run_name", "r",
+             "--trainer.max_steps", "3", *TINY])
+    ckpts = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())
+    assert ckpts == ["best-step=3.ckpt", "last.ckpt"]
+    rows = _csv_rows(tmp_path / "r" / "csv" / "version_0" / "metrics.csv")
+    assert [r["step"] for r in rows if "val_bpc" in r] == ["2"]
+
+
+def test_validation_at_max_steps_runs_once_when_it_falls_on_a_validation(tmp_path):
+    seed_everything(0)
+    dm = PydocTextDataModule(batch_size=4, seq_len=16, eval_batch_size=4)
+    task = LanguageModelTask(cell="lstm", hidden_size=8)
+    trainer = make_trainer(tmp_path, LanguageModelTask, max_steps=4, val_check_interval=2, limit_val_batches=1,
+                           enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(task, datamodule=dm)
+    rows = _csv_rows(tmp_path / "csv" / "version_0" / "metrics.csv")
+    assert [r["step"] for r in rows if "val_bpc" in r] == ["1", "3"]
+
+
+def test_resume_appends_to_the_runs_metrics(tmp_path):
+    """--ckpt_path last continues csv/version_0 (one metrics.csv for the whole run, equal to that
+    of an uninterrupted run) and tb/version_0; rows an interrupted run logged after its last
+    checkpoint are dropped; a later test run gets its own version, and a resume after it still
+    continues the fit's version."""
+    base = ["fit", "--config", str(REPO / "configs/pydoc-lstm.yaml"), "--runs_root", str(tmp_path),
+            "--trainer.val_check_interval", "2", "--trainer.log_every_n_steps", "1", *TINY]
+    run_cli([*base, "--run_name", "full", "--trainer.max_steps", "6"])
+    run_cli([*base, "--run_name", "r", "--trainer.max_steps", "4"])
+    metrics = tmp_path / "r" / "csv" / "version_0" / "metrics.csv"
+    with open(metrics, "a") as f:  # what a run killed at step 5, after its step-4 checkpoint, leaves
+        f.write("0,4,9.0,9.0,\n")
+    run_cli([*base, "--run_name", "r", "--trainer.max_steps", "6", "--ckpt_path", "last"])
+    assert [p.name for p in (tmp_path / "r" / "csv").iterdir()] == ["version_0"]
+    assert [p.name for p in (tmp_path / "r" / "tb").iterdir()] == ["version_0"]
+    assert len(list((tmp_path / "r" / "tb" / "version_0").glob("events.out.tfevents.*"))) == 2
+    full, resumed = _csv_rows(tmp_path / "full" / "csv" / "version_0" / "metrics.csv"), _csv_rows(metrics)
+    assert [sorted(r) for r in resumed] == [sorted(r) for r in full]
+    assert [r["step"] for r in resumed] == [r["step"] for r in full] == ["0", "1", "1", "2", "3", "3", "4", "5", "5"]
+    for a, b in zip(full, resumed):
+        for k in a:
+            assert float(a[k]) == pytest.approx(float(b[k]), rel=1e-5), (k, a, b)
+    assert (tmp_path / "r" / "csv" / "version_0" / "config.yaml").is_file()
+    # test writes a version of its own; resuming afterwards continues the fit's version again
+    run_cli(["test", *base[1:], "--run_name", "r", "--ckpt_path", str(tmp_path / "r" / "checkpoints" / "last.ckpt")])
+    assert (tmp_path / "r" / "csv" / "version_1" / "metrics.csv").is_file()
+    run_cli([*base, "--run_name", "r", "--trainer.max_steps", "8", "--ckpt_path", "last"])
+    assert sorted(p.name for p in (tmp_path / "r" / "csv").iterdir()) == ["version_0", "version_1"]
+    assert _csv_rows(metrics)[-1]["step"] == "7"
+
+
+def _tiny_fit(tmp_path, callbacks=(), **kwargs):
+    seed_everything(0)
+    dm = PydocTextDataModule(batch_size=4, seq_len=16, eval_batch_size=4)
+    task = LanguageModelTask(cell="lstm", hidden_size=8)
+    kwargs = {"max_steps": 6, "val_check_interval": 3, "limit_val_batches": 2, "limit_test_batches": 3,
+              "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0, **kwargs}
+    trainer = make_trainer(tmp_path, LanguageModelTask, callbacks=list(callbacks), **kwargs)
+    trainer.fit(task, datamodule=dm)
+    return trainer, task, dm
+
+
+def test_progress_lines_without_a_progress_bar(tmp_path, capsys):
+    from hypernetworks.callbacks import ProgressLines
+
+    trainer, task, dm = _tiny_fit(tmp_path, [ProgressLines(every_s=0)])
+    lines = capsys.readouterr().out.splitlines()
+    fit = [line for line in lines if line.startswith("fit: ")]
+    # every_s=0: a line at the first step, then spaced by a tenth of the elapsed time
+    assert fit[0].startswith("fit: step 1/6 (17%), loss ") and "elapsed " in fit[0] and ", left ~" in fit[0]
+    assert fit[-1].startswith("fit: done, step 6/6 (100%)") and "val_bpc " in fit[-1]
+    assert len(fit) == len(set(fit)) >= 3
+    # the default instance stood aside for the one given
+    assert [c._active for c in trainer.callbacks if isinstance(c, ProgressLines)] == [False, True]
+    trainer.test(task, datamodule=dm)
+    test = [line for line in capsys.readouterr().out.splitlines() if line.startswith("test: ")]
+    assert test[0].startswith("test: batch 1/3 (33%), elapsed ") and ", left ~" in test[0]
+    assert test[-1].startswith("test: done, batch 3/3 (100%)")
+
+
+def test_no_progress_lines_with_a_progress_bar_or_on_a_short_run(tmp_path, capsys):
+    from hypernetworks.callbacks import ProgressLines, _duration
+
+    _tiny_fit(tmp_path / "bar", [ProgressLines(every_s=0)], enable_progress_bar=True)
+    assert "fit: step" not in capsys.readouterr().out
+    _tiny_fit(tmp_path / "short")  # the default: a line every 30 s, none for a run of a second
+    assert "fit: " not in capsys.readouterr().out
+    assert [_duration(s) for s in (4.4, 65, 3725)] == ["4s", "1m05s", "1h02m"]

@@ -26,13 +26,21 @@ Defaults added to every run (all overridable from YAML or the command line):
   non-finite gradient, naming the step, before the update is applied and without writing a
   checkpoint, and the command exits non-zero; a NaN validation metric is never saved as the best;
 * the task's class path stored in every checkpoint, so :func:`load_task` rebuilds any task;
-* ``seed_everything: 0`` and Lightning's TQDM progress bar.
+* validation at the last step of a run cut by ``max_steps`` between two validations
+  (:class:`~hypernetworks.callbacks.ValidateAtMaxSteps`), so a short trial still leaves a metric and a
+  best checkpoint;
+* ``--ckpt_path last`` (or a checkpoint of the run's own folder) continues the run's logs: the CSV and
+  TensorBoard logs of the latest ``version_N`` are appended to, from the checkpoint's step (rows the
+  interrupted run logged after it are dropped), so one ``metrics.csv`` holds the whole run;
+* ``seed_everything: 0``; Lightning's TQDM progress bar on a terminal, a progress line every 30 s
+  otherwise (:class:`~hypernetworks.callbacks.ProgressLines`).
 
 Tasks may declare class attributes ``monitor = "val_loss"`` and ``monitor_mode = "min"`` to choose
 the metric of the "best" checkpoint; a metric that is never logged only disables the best checkpoint.
 """
 from __future__ import annotations
 
+import csv
 import errno
 import importlib
 import logging
@@ -50,9 +58,12 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule, Tr
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
+from hypernetworks.callbacks import ProgressLines, ValidateAtMaxSteps
 from hypernetworks.checkpoints import (CheckpointError, build_from_settings, check_settings, check_weights_fit,
                                       checkpoint_settings, read_checkpoint, resolve_trusted_class)
 
@@ -68,6 +79,7 @@ __all__ = [
     "BestAndLastCheckpoint",
     "TaskClassPath",
     "HypernetworksCLI",
+    "RunCSVLogger",
     "NonFiniteError",
     "StopOnNonFinite",
     "default_callbacks",
@@ -315,10 +327,29 @@ class BestAndLastCheckpoint(ModelCheckpoint):
         if not self._should_skip_saving_checkpoint(trainer) and self._should_save_on_train_epoch_end(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
+    _not_empty: str | None = None
+
     def setup(self, trainer, pl_module, stage: str) -> None:
+        self._not_empty = None
         super().setup(trainer, pl_module, stage)
         if trainer.is_global_zero and self.dirpath and "://" not in str(self.dirpath):
             remove_stale_temporaries(self.dirpath)
+
+    def _ModelCheckpoint__warn_if_dir_not_empty(self, dirpath) -> None:
+        # Lightning warns at setup that the folder is not empty, before it knows whether the run
+        # resumes from a checkpoint there (--ckpt_path last, the README's resume command): the check
+        # is kept and the warning given at on_train_start, only for a run that starts from scratch
+        if self.save_top_k != 0 and dirpath and "://" not in str(dirpath) and Path(dirpath).is_dir() \
+                and any(Path(dirpath).glob("*.ckpt")):
+            self._not_empty = str(dirpath)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self._not_empty and not trainer.ckpt_path and trainer.is_global_zero:
+            rank_zero_warn(f"checkpoint folder {self._not_empty} already holds checkpoints of an earlier run; this "
+                           "run starts from scratch and replaces its last.ckpt (--ckpt_path last resumes instead; "
+                           "--run_name NAME starts a new folder)")
+        self._not_empty = None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Lightning forgets the best score when the run folder was copied or moved (a continued
@@ -364,8 +395,10 @@ def _monitor_of(task_cls: type | None) -> tuple[str, str]:
 
 
 def default_callbacks(run_dir: str | os.PathLike, task_cls: type | None = None) -> list[Callback]:
-    """``last.ckpt`` + best checkpoint under ``run_dir/checkpoints``, the task-class recorder, and
-    :class:`StopOnNonFinite` (stop at the first NaN/inf loss or gradient)."""
+    """``last.ckpt`` + best checkpoint under ``run_dir/checkpoints``, the task-class recorder,
+    :class:`StopOnNonFinite` (stop at the first NaN/inf loss or gradient), validation at the last
+    step of a run cut by ``max_steps``, progress lines when there is no progress bar, and the
+    continuation of the run's logs on a resume (see :func:`default_loggers`)."""
     monitor, mode = _monitor_of(task_cls)
     ckpt = BestAndLastCheckpoint(
         dirpath=Path(run_dir) / "checkpoints",
@@ -377,15 +410,144 @@ def default_callbacks(run_dir: str | os.PathLike, task_cls: type | None = None) 
     )
     guard = StopOnNonFinite()
     guard._default = True  # stands aside for a StopOnNonFinite that the recipe lists
-    return [ckpt, TaskClassPath(), guard]
+    progress = ProgressLines()
+    progress._default = True  # likewise
+    return [ckpt, TaskClassPath(), guard, ValidateAtMaxSteps(), progress, ContinueLogs()]
 
 
-def default_loggers(run_dir: str | os.PathLike) -> list:
-    """CSV and TensorBoard loggers sharing ``run_dir`` (``csv/version_N``, ``tb/version_N``)."""
-    return [
-        CSVLogger(save_dir=str(run_dir), name="csv"),
-        TensorBoardLogger(save_dir=str(run_dir), name="tb", default_hp_metric=False),
-    ]
+def _fit_version(folder: Path) -> int | None:
+    """The latest ``version_N`` in ``folder`` (a run's ``csv/``) written by a fit: a version whose
+    ``metrics.csv`` holds only ``test_*`` columns was written by ``test`` and is skipped."""
+    versions = sorted((int(p.name[len("version_"):]) for p in folder.glob("version_*")
+                       if p.is_dir() and p.name[len("version_"):].isdigit()), reverse=True)
+    for v in versions:
+        metrics = folder / f"version_{v}" / "metrics.csv"
+        if metrics.is_file():
+            with open(metrics, newline="") as f:
+                columns = [c for c in next(csv.reader(f), []) if c not in ("epoch", "step")]
+            if columns and all(c.startswith("test_") for c in columns):
+                continue
+        return v
+    return None
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, appending to the ``metrics.csv`` already in its folder (Lightning's
+    deletes it) with that file's columns."""
+
+    def __init__(self, log_dir: str) -> None:
+        super().__init__(log_dir)
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = list(next(csv.reader(f), []))
+
+    def _check_log_dir_exists(self) -> None:
+        pass  # the folder of the run being continued: kept
+
+    def drop_from(self, step: int) -> int:
+        """Remove the rows logged at ``step`` or later (by a run interrupted after its last
+        checkpoint, which the resumed run logs again); returns how many."""
+        if not self._fs.isfile(self.metrics_file_path):
+            return 0
+        with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+            reader = csv.DictReader(f)
+            fields, rows = list(reader.fieldnames or []), list(reader)
+
+        def before(row: dict) -> bool:
+            try:
+                return float(row.get("step") or 0) < step
+            except ValueError:
+                return True
+
+        kept = [r for r in rows if before(r)]
+        if len(kept) < len(rows):
+            with self._fs.open(self.metrics_file_path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(kept)
+        return len(rows) - len(kept)
+
+
+class RunCSVLogger(CSVLogger):
+    """Lightning's CSVLogger; with ``append=True`` it writes into the latest ``version_N`` of a
+    fit (not one written by ``test``; a new version if there is none) and appends to its
+    ``metrics.csv`` instead of starting a new version, so that a resumed run's metrics continue the
+    run's file."""
+
+    def __init__(self, save_dir: str | os.PathLike, name: str = "csv", version: int | str | None = None,
+                 append: bool = False, **kwargs: Any) -> None:
+        if append and version is None:
+            version = _fit_version(Path(save_dir) / name)
+        super().__init__(save_dir=save_dir, name=name, version=version, **kwargs)
+        self.append = append
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is not None:
+            return self._experiment
+        self._fs.makedirs(self.root_dir, exist_ok=True)
+        self._experiment = (_AppendingWriter if self.append else ExperimentWriter)(log_dir=self.log_dir)
+        return self._experiment
+
+
+class ContinueLogs(Callback):
+    """On a fit resumed from a checkpoint, cuts the appended logs of :func:`default_loggers`
+    (``append=True``) at the checkpoint's step: CSV rows logged at that step or later are removed,
+    and TensorBoard hides its events from that step on (``purge_step``). Other loggers, and
+    loggers that start a new version, are left alone.
+
+    It also keeps the logged step of a resumed run equal to that of an uninterrupted one: Lightning
+    restores its logging counter one short when the checkpoint was written at a validation (as
+    ``last.ckpt`` is), so the resumed run's rows would be logged at step N-1 for step N."""
+
+    _check_step = False
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        from hypernetworks.callbacks import _fn
+
+        step = checkpoint.get("global_step")
+        if _fn(trainer) != "fit" or not isinstance(step, int):
+            return
+        self._check_step = True
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, RunCSVLogger) and logger.append:
+                dropped = logger.experiment.drop_from(step)
+                if dropped:
+                    log.info("%s: removed %d row(s) logged after step %d by the interrupted run",
+                             logger.experiment.metrics_file_path, dropped, step)
+            elif isinstance(logger, TensorBoardLogger) and getattr(logger, "_append", False) \
+                    and getattr(logger, "_experiment", None) is None and isinstance(getattr(logger, "_kwargs", None), dict):
+                logger._kwargs["purge_step"] = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
+        if not self._check_step:
+            return
+        self._check_step = False
+        loop = getattr(trainer.fit_loop, "epoch_loop", None)
+        stepped = getattr(loop, "_batches_that_stepped", None)
+        # one optimizer step per stepping batch (automatic optimization): the counts agree
+        if pl_module.automatic_optimization and isinstance(stepped, int) and stepped == trainer.global_step - 1:
+            loop._batches_that_stepped = trainer.global_step
+
+
+def default_loggers(run_dir: str | os.PathLike, append: bool = False) -> list:
+    """CSV and TensorBoard loggers sharing ``run_dir`` (``csv/version_N``, ``tb/version_N``).
+
+    A new run starts a new ``version_N``. ``append=True`` (a resumed run: the command line sets it
+    for ``fit --ckpt_path last`` or a checkpoint in the run's own folder) continues the latest
+    version of a fit instead (versions written by ``test`` are skipped), so that its ``metrics.csv`` and TensorBoard folder hold the whole run; with
+    :class:`ContinueLogs` (a default callback) what was logged after the checkpoint is dropped."""
+    csv_logger = RunCSVLogger(save_dir=str(run_dir), name="csv", append=append)
+    # TensorBoard continues the folder of the same number (both loggers start a version per run)
+    version = csv_logger._version if append else None
+    tb_append = isinstance(version, int) and (Path(run_dir) / "tb" / f"version_{version}").is_dir()
+    tb = TensorBoardLogger(save_dir=str(run_dir), name="tb", version=version if tb_append else None,
+                           default_hp_metric=False)
+    tb._append = tb_append
+    return [csv_logger, tb]
 
 
 def make_trainer(
@@ -553,9 +715,22 @@ class HypernetworksCLI(LightningCLI):
         # trainer_defaults["callbacks"] are appended to whatever the recipe lists
         self.trainer_defaults["callbacks"] = default_callbacks(run_dir, task_cls)
 
+    def _resumes_run(self) -> bool:
+        """``fit`` from this run's own checkpoint (``--ckpt_path last``, or a file of its
+        ``checkpoints/``): the run's logs are continued, not started again in a new version."""
+        if self.subcommand != "fit":
+            return False
+        ckpt_path = self._cfg().get("ckpt_path")
+        folder = Path(self.run_dir) / "checkpoints"
+        if ckpt_path == "last":
+            return any(folder.glob("last*.ckpt"))
+        if not ckpt_path or "://" in str(ckpt_path) or not Path(ckpt_path).is_file():
+            return False
+        return Path(ckpt_path).resolve().parent == folder.resolve()
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         if getattr(self, "_default_logger", False):
-            kwargs.setdefault("logger", default_loggers(self.run_dir))
+            kwargs.setdefault("logger", default_loggers(self.run_dir, append=self._resumes_run()))
         if getattr(self, "_default_plugins", False):
             kwargs.setdefault("plugins", [AtomicCheckpointIO()])
         return super().instantiate_trainer(**kwargs)
@@ -600,11 +775,12 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> HypernetworksCLI
     (``HYPERNETWORKS_DEBUG=1`` shows it; see :mod:`hypernetworks._errors`); so does a run stopped by
     :class:`StopOnNonFinite` (its :class:`NonFiniteError` message, naming the step; exit status 1).
     Progress bars are on only when stdout and stderr are terminals (``--trainer.enable_progress_bar``
-    overrides that).
+    overrides that); otherwise a progress line is printed every 30 s or so. Lightning's banner lines
+    and its warning about its own use of torch are silenced (:func:`hypernetworks._console.quiet_lightning`).
     """
     import sys
 
-    from hypernetworks._console import interactive, quiet_lightning_tips
+    from hypernetworks._console import interactive, quiet_lightning
     from hypernetworks._errors import debug, paragraph, user_message
 
     argv = list(sys.argv[1:] if args is None else args)
@@ -613,7 +789,7 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> HypernetworksCLI
         if not Path(path).is_file():
             print(f"{prog}: {_missing_config_message(path)}", file=sys.stderr)
             raise SystemExit(2)
-    quiet_lightning_tips()
+    quiet_lightning()  # no banner, no advertising, no warning about Lightning's own use of torch
     # LightningCLI reads sys.argv when args is None and warns (echoing both) when it gets args while
     # sys.argv holds others; argv *is* the command line here, and DDP's launcher re-runs sys.argv
     saved = sys.argv

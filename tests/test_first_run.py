@@ -201,7 +201,8 @@ def test_progress_bars_only_on_a_terminal(monkeypatch):
     assert not _console.interactive()
 
 
-def test_lightning_tips_are_dropped_and_other_messages_kept():
+def test_lightning_tips_and_banner_are_dropped_and_other_messages_kept():
+    from lightning.fabric.utilities.seed import seed_everything
     from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
     records = []
@@ -210,18 +211,73 @@ def test_lightning_tips_are_dropped_and_other_messages_kept():
         def emit(self, record):
             records.append(record.getMessage())
 
-    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    handler, level = Keep(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed")]
+    handler, levels = Keep(), [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.INFO)
     try:
-        _console.quiet_lightning_tips()
+        _console.quiet_lightning()
         rank_zero_info("💡 Tip: For seamless cloud logging, try installing litlogger")
-        rank_zero_info("GPU available: False")
+        rank_zero_info("GPU available: False, used: False")
+        rank_zero_info("TPU available: False, using: 0 TPU cores")
+        rank_zero_info("HPU available: False, using: 0 HPUs")
+        seed_everything(3)
+        rank_zero_info("Restoring states from the checkpoint path at runs/x/checkpoints/last.ckpt")
+        rank_zero_info("`Trainer.fit` stopped: `max_steps=2` reached.")
     finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-    assert records == ["GPU available: False"]
+        for lg, level in zip(loggers, levels):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+    assert records == ["Restoring states from the checkpoint path at runs/x/checkpoints/last.ckpt",
+                       "`Trainer.fit` stopped: `max_steps=2` reached."]
+
+
+def test_lightnings_own_deprecation_warning_is_silenced_and_real_warnings_kept():
+    import warnings
+
+    from lightning.pytorch.utilities import rank_zero_warn
+    from lightning.pytorch.utilities._pytree import _tree_flatten
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _console.quiet_lightning()
+        _tree_flatten({"a": 1})  # builds torch's deprecated LeafSpec inside Lightning
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ... instead.", FutureWarning)  # not Lightning
+        rank_zero_warn("a real warning from Lightning")
+        warnings.warn("The dataloader does not have many workers", UserWarning)
+    assert [str(w.message)[:30] for w in caught] == [
+        "`isinstance(treespec, LeafSpec", "a real warning from Lightning", "The dataloader does not have m"]
+
+
+def test_fit_resume_and_test_print_no_banner_and_no_lightning_deprecation(tmp_path, capfd):
+    """The documented commands (fit, resume with --ckpt_path last, test), output captured: no banner
+    line, no advertising, no deprecation warning from Lightning's code, no warning that the
+    checkpoint folder is not empty on the resume."""
+    base = ["--config", str(REPO / "configs/pydoc-lstm.yaml"), "--runs_root", str(tmp_path), "--run_name", "r",
+            "--model.init_args.hidden_size", "16", "--data.init_args.batch_size", "4", "--data.init_args.seq_len", "16",
+            "--data.init_args.eval_batch_size", "4", "--trainer.limit_val_batches", "2",
+            "--trainer.limit_test_batches", "2"]
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:  # pytest would otherwise hold them back
+        warnings.simplefilter("always")
+        assert cli_main(["fit", *base, "--trainer.max_steps", "2"]) == 0
+        assert cli_main(["fit", *base, "--trainer.max_steps", "4", "--ckpt_path", "last"]) == 0
+        assert cli_main(["test", *base, "--ckpt_path", str(tmp_path / "r" / "checkpoints" / "last.ckpt")]) == 0
+    # what Python shows by default (DeprecationWarning is hidden outside __main__; jsonargparse
+    # raises a few from inside Lightning's CLI)
+    assert [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)] == []
+    out = capfd.readouterr()
+    text = out.out + out.err
+    for noise in ("GPU available", "TPU available", "Seed set", "Tip:", "LeafSpec", "not empty", "Warning"):
+        assert noise not in text, (noise, text)
+    assert "test_bpc" in text
+    # a fresh run into the same folder is warned about: it replaces the run's last.ckpt
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli_main(["fit", *base, "--trainer.max_steps", "2"]) == 0
+    assert ["already holds checkpoints" in str(w.message) for w in caught] == [True]
 
 
 def test_demo_output_redirected_is_small_and_has_no_tips(tmp_path, capfd):
@@ -231,6 +287,34 @@ def test_demo_output_redirected_is_small_and_has_no_tips(tmp_path, capfd):
     assert "valid bpc" in out.out
     assert "Tip:" not in text and "it/s" not in text and "\r" not in text
     assert len(text) < 2000, text
+
+
+def test_demo_rerun_points_at_its_own_checkpoints(tmp_path, capfd, monkeypatch):
+    """A second demo into the same folder replaces the first: results.json and the printed paths
+    name the files this run wrote, and no checkpoint of the earlier run is left for serve to list.
+    --quick runs in its own folder, runs/demo-quick, beside the full demo's runs/demo."""
+    import json
+
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    run = Path("runs/demo-quick")
+    quick = ["demo", "--quick", "--sample-length", "20"]
+    assert cli_main([*quick, "--steps", "3"]) == 0
+    assert (run / "results.json").is_file() and not Path("runs/demo").exists()
+    capfd.readouterr()
+    assert cli_main([*quick, "--steps", "2", "--run-dir", str(run)]) == 0
+    out = capfd.readouterr().out
+    results = json.loads((run / "results.json").read_text())
+    assert [r["cell"] for r in results] == ["hyperlstm", "lstm"]
+    for r in results:
+        ckpt = Path(r["checkpoint"])
+        assert ckpt.is_file() and r["checkpoint"] in out
+        assert torch.load(ckpt, weights_only=True)["global_step"] == 2
+        assert sorted(p.name for p in (run / r["cell"] / "checkpoints").iterdir()) == ["best-step=2.ckpt", "last.ckpt"]
+        assert [p.name for p in (run / r["cell"] / "csv").iterdir()] == ["version_0"]
+    assert "Replacing the earlier demo" in out
+    assert sorted(p.name for p in run.rglob("*.ckpt")) == ["best-step=2.ckpt"] * 2 + ["last.ckpt"] * 2
 
 
 def test_tests_cannot_download():

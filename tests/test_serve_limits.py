@@ -497,3 +497,28 @@ def test_cli_limits_are_options(tmp_path, capsys):
     for flag, value in (("--header-timeout", "0"), ("--stall-timeout", "nan"), ("--max-connections-per-client", "0")):
         assert srv.main(["--checkpoints", str(tmp_path), "--port", "0", flag, value]) == 2
         assert flag in capsys.readouterr().err
+
+
+def test_flood_fast(tmp_path):
+    """benchmarks/serve_load.py's slow-header flood, small: 150 connections dripping header bytes
+    from another address while a burst of 20 requests from 127.0.0.1 is answered as usual."""
+    import importlib.util
+
+    other = _second_loopback()
+    spec = importlib.util.spec_from_file_location(
+        "serve_load", Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py")
+    serve_load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve_load)
+    server = _server(tmp_path, limits=ConnectionLimits(header_timeout=1.0, max_connections=100), workers=1, queue=8)
+    flood = serve_load.SlowHeaderFlood(server.url, 150, other, drip=0.2).start()
+    try:
+        time.sleep(1.5)  # past one header timeout: the first slow connections were closed already
+        flood.sampling = True
+        results = serve_load.burst(server.url, {"checkpoint": "a.ckpt", "length": 20}, n=20, timeout=TIMEOUT)
+    finally:
+        summary = flood.stop()
+        server.shutdown()
+    burst = serve_load.summarize(results)
+    assert burst["errors"] == 0 and burst["status"].keys() <= {200, 503}, burst
+    assert burst["status"].get(200, 0) >= 9, burst  # 1 running + 8 waiting are always served
+    assert summary["closed_by_server"].get("429", 0) > 0 and summary["closed_by_server"].get("408", 0) > 0, summary

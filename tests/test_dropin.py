@@ -185,11 +185,27 @@ def test_nn_lstm_cell_loop_runs_with_the_cell_swapped_in(name, dtype):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nn_lstm_cell_loop_one_step_function_equals_eager(dtype):
+    """The same LBFGS loop with the one-step Function (no layer norm) and with the eager ops:
+    the same losses (without layer norm this set-up diverges at LBFGS's last step on both paths,
+    so float32 compares the steps before it)."""
+    def make(fused):
+        def build(i, h):
+            cell = HyperLSTMCell(i, h, hyper_size=4, embedding_size=2)
+            cell.fused = fused
+            return cell
+        return build
+    one_step, eager = lstm_cell_script(make(True), dtype), lstm_cell_script(make(False), dtype)
+    n, tol = (4, 1e-5) if dtype == torch.float32 else (5, 1e-9)
+    torch.testing.assert_close(torch.tensor(one_step[:n]), torch.tensor(eager[:n]), rtol=tol, atol=0)
+
+
 def test_hyper_cell_pair_layout():
     torch.manual_seed(2)
     cell = perturb_(HyperLSTMCell(I, H, hyper_size=HH, embedding_size=NZ)).double()
     x = torch.randn(3, 2, I, dtype=torch.double)
-    four = None
+    four = tuple(torch.zeros(2, n, dtype=torch.double) for n in (H, H, HH, HH))
     h, c = torch.zeros(2, H, dtype=torch.double), torch.zeros(2, H, dtype=torch.double)
     for t in range(3):
         four = cell(x[t], four)
@@ -202,6 +218,37 @@ def test_hyper_cell_pair_layout():
     assert h1.shape == (H,) and c1.shape == (H + 2 * HH,)
     with pytest.raises(ValueError, match=r"hx\[1\]"):
         cell(x[0], (h, torch.zeros(2, H + 1, dtype=torch.double)))
+
+
+@pytest.mark.parametrize("path", ["one-step", "eager", "layer-norm"])
+def test_hyper_cell_without_state_returns_lstm_cells_pair(path):
+    """``h, c = cell(x)`` as for nn.LSTMCell (a decoder's first step), batched and unbatched: the
+    same pair as from zero (h, c), and a loop continues from it."""
+    torch.manual_seed(5)
+    cell = perturb_(HyperLSTMCell(I, H, hyper_size=HH, embedding_size=NZ, layer_norm=path == "layer-norm")).double()
+    cell.fused = path != "eager"
+    ref = nn.LSTMCell(I, H).double()
+    x = torch.randn(4, 2, I, dtype=torch.double)
+    for xb in (x[0], x[0, 0]):  # (B, I) and unbatched (I,), as nn.LSTMCell accepts both
+        h, c = cell(xb)
+        h_ref, c_ref = ref(xb)
+        assert h.shape == h_ref.shape and c.shape == (*c_ref.shape[:-1], H + 2 * HH)
+        zeros = torch.zeros_like(h_ref)
+        h0, c0 = cell(xb, (zeros, zeros))
+        assert torch.equal(h, h0) and torch.equal(c, c0)
+        four = cell(xb, (zeros, zeros, zeros[..., :HH].clone(), zeros[..., :HH].clone()))
+        assert len(four) == 4
+        torch.testing.assert_close(h, four[0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(c, torch.cat(four[1:], -1), rtol=0, atol=1e-12)
+    h, c = cell(x[0])  # a decoder: the first step without state, then the pair it returned
+    for t in range(1, 4):
+        h, c = cell(x[t], (h, c))
+    h_ref, c_ref = None, None
+    state = tuple(torch.zeros(2, n, dtype=torch.double) for n in (H, H, HH, HH))
+    for t in range(4):
+        state = cell(x[t], state)
+    torch.testing.assert_close(h, state[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(c, torch.cat(state[1:], -1), rtol=0, atol=1e-12)
 
 
 def test_hyper_rnn_cell_tensor_state():

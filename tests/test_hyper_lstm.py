@@ -120,10 +120,10 @@ def test_neutral_modulation_equals_torch_lstm_cell():
     x = torch.randn(6, 3, I, dtype=torch.double)
     state, ref_state = None, None
     for t in range(6):  # the hyper LSTM keeps running, but it no longer changes anything
-        state = cell(x[t], state)
+        state = cell(x[t], state)  # nn.LSTMCell's pair from the first step: c carries the hyper state
         ref_state = ref(x[t], ref_state)
         torch.testing.assert_close(state[0], ref_state[0])
-        torch.testing.assert_close(state[1], ref_state[1])
+        torch.testing.assert_close(state[1][:, :H], ref_state[1])
 
 
 def test_neutral_hyper_layer_equals_torch_lstm_multilayer():
@@ -543,3 +543,106 @@ def test_every_model_that_builds_a_hyperlstm_exposes_the_switches():
     c = _hyper_cells(CharLM(10, cell="ln-hyperlstm", hidden_size=6, **small))[0]
     assert (c.hyper.recurrent_dropout, c.z_input, c.layer_norm_eps, c.layer_norm_bias, c.input_init) == (
         0.1, "current", 1e-5, True, "orthogonal")
+
+
+# ---------------------------------------------------------------- the one-step Function (HyperLSTMCell.forward)
+def _state_forms(B=3):
+    g = torch.Generator().manual_seed(31)
+    full = tuple(torch.randn(B, n, generator=g, dtype=torch.double, requires_grad=True) for n in (H, H, HH, HH))
+    return {"none": (lambda: None, ()),
+            "short": (lambda: full[:2], full[:2]),
+            "packed": (lambda: (full[0], torch.cat(full[1:], -1)), full),
+            "full": (lambda: full, full)}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("form", ["none", "short", "packed", "full"])
+def test_one_step_function_equals_eager_step(form, bias):
+    """The single-step Function gives the eager ops' outputs and gradients (every input, every
+    parameter) to rounding, for every state form."""
+    cell = _cell(bias=bias)
+    make_hx, leaves = _state_forms()[form]
+    x = torch.randn(3, I, dtype=torch.double, requires_grad=True)
+    results = []
+    for fused in (True, False):
+        cell.fused = fused
+        out = cell(x, make_hx())
+        weights = [torch.linspace(-1, 1, o.numel(), dtype=torch.double).view_as(o) for o in out]
+        wrt = [x, *leaves, *cell.parameters()]
+        grads = torch.autograd.grad(sum((o * w).sum() for o, w in zip(out, weights)), wrt, allow_unused=True)
+        results.append(([o.detach() for o in out], grads))
+    (out_f, g_f), (out_e, g_e) = results
+    assert len(out_f) == len(out_e) == (4 if form == "full" else 2)
+    for a, b in zip(out_f, out_e):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for a, b in zip(g_f, g_e):
+        if a is None or b is None:  # unused: e.g. W_hat_hh without a hyper state; the other path says 0
+            assert all(t is None or not t.any() for t in (a, b))
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_one_step_function_unbatched_and_gradcheck():
+    cell = perturb_(HyperLSTMCell(3, 4, hyper_size=3, embedding_size=2)).double()
+    x = torch.randn(3, dtype=torch.double)
+    h, c = cell(x)
+    cell.fused = False
+    h_e, c_e = cell(x)
+    cell.fused = True
+    assert h.shape == (4,) and c.shape == (4 + 6,)
+    torch.testing.assert_close((h, c), (h_e, c_e), rtol=1e-10, atol=1e-12)
+    xb = torch.randn(2, 3, dtype=torch.double, requires_grad=True)
+    state = [torch.randn(2, n, dtype=torch.double, requires_grad=True) for n in (4, 4 + 6)]
+    params = list(cell.parameters())
+    fn = lambda x, h, c, *ps: cell(x, (h, c))  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (xb, *state, *params))
+    # a graph of the gradient (double backward) recomputes the step with the eager ops
+    assert torch.autograd.gradgradcheck(fn, (xb, *state, *params))
+
+
+def test_one_step_function_sees_in_place_weight_changes():
+    """Nothing is cached between calls: ``p.data`` writes (which bump no version counter) count."""
+    cell = _cell()
+    x, (h, c) = torch.randn(3, I, dtype=torch.double), _state()[:2]
+    before = cell(x, (h, c))[0]
+    cell.weight_hh.data.mul_(0.5)
+    after = cell(x, (h, c))[0]
+    cell.fused = False
+    torch.testing.assert_close(after, cell(x, (h, c))[0], rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(before, after)
+
+
+def test_other_settings_keep_the_eager_step():
+    """Layer norm, z from h_hat_{t-1}, recurrent dropout in training, autocast and torch.func
+    transforms run the eager ops (the Function is not in the graph), with the same pair contract."""
+    x, (h, c) = torch.randn(3, I, dtype=torch.double), _state()[:2]
+
+    def fn_names(out):
+        return type(out[0].grad_fn).__name__
+
+    assert fn_names(_cell()(x.requires_grad_(), (h, c))) == "_HyperStepBackward"
+    for cell in (_cell(layer_norm=True), _cell(z_input="previous"), _cell(recurrent_dropout=0.2).train()):
+        out = cell(x, (h, c))
+        assert len(out) == 2 and out[1].shape == (3, H + 2 * HH) and fn_names(out) != "_HyperStepBackward"
+    cell32 = HyperLSTMCell(I, H, hyper_size=HH, embedding_size=NZ)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = cell32(x.float(), (h.float(), c.float()))
+    assert len(out) == 2 and fn_names(out) != "_HyperStepBackward"
+    cell = _cell()
+    ps = dict(cell.named_parameters())
+    jac = torch.func.jacrev(lambda x: torch.func.functional_call(cell, ps, (x, (h, c)))[0])(x.detach())
+    assert jac.shape == (3, H, 3, I)
+
+
+def test_default_hyper_size_is_never_larger_than_the_cell():
+    from hypernetworks.nn.hyper_lstm import default_hyper_size
+    assert [default_hyper_size(n) for n in (1, 3, 4, 51, 128, 512, 1000, 2048)] == [1, 1, 1, 12, 32, 128, 128, 128]
+    assert all(1 <= default_hyper_size(n) <= n for n in range(1, 700))
+    assert HyperLSTMCell(I, 51).hyper_size == 12 and HyperRNNCell(I, 51).hyper_size == 12
+    m = HyperLSTM(I, 1000, num_layers=2)
+    assert m.hyper_size == 128 and all(c.hyper_size == 128 for c in m.cells)
+    assert HyperLSTM(I, 2).hyper_size == 1 and HyperRNN(I, 40).hyper_size == 10
+    assert HyperLSTMCell(I, 8, hyper_size=128).hyper_size == 128  # an explicit size is kept, even a large one
+    # the paper's recipes state their sizes: the experiment factory and the models keep 128
+    assert build_recurrent("hyperlstm", I, 1000).cells[0].hyper_size == 128
+    assert build_recurrent("hyperlstm", I, 64).cells[0].hyper_size == 128

@@ -12,6 +12,7 @@ W_x x_t of a whole sequence are one matrix multiply before the time loop.
 """
 from __future__ import annotations
 
+import os
 
 import torch
 import torch.nn as nn
@@ -28,6 +29,15 @@ INITIAL_SCALE = 0.1
 # Which hyper state the z projections read: h_hat_t ("current", the original TensorFlow code and
 # this package's default) or h_hat_{t-1} ("previous", the paper's equations as printed).
 Z_INPUTS = ("current", "previous")
+# The paper's hyper size: 128 units next to main cells of 1000 (PTB), 900 (IAM) and more.
+PAPER_HYPER_SIZE = 128
+
+
+def default_hyper_size(hidden_size: int) -> int:
+    """The hyper size used when none is given: a quarter of the main cell, at least 1 and at most
+    the paper's 128, so never larger than the main cell (hidden 51 -> 12, 128 -> 32, 1000 -> 128).
+    The paper's recipes (configs/, the models' presets) state their sizes explicitly."""
+    return max(1, min(PAPER_HYPER_SIZE, check_positive("hidden_size", hidden_size) // 4))
 
 
 class WeightScaling(nn.Module):
@@ -70,23 +80,177 @@ class WeightScaling(nn.Module):
         return d_h, d_x, d_b
 
 
+# -- the single-step path of HyperLSTMCell.forward -------------------------------------------
+# A step loop written for nn.LSTMCell calls the cell once per time step, so what a step costs is
+# mostly per-op overhead: the eager ``step`` records ~50 autograd ops. ``_HyperStep`` is one
+# autograd Function for the whole step (main and hyper LSTM, no layer norm, no active recurrent
+# dropout): ~25 tensor ops forward and ~45 backward without autograd bookkeeping. Nothing is
+# cached between calls (a cache keyed on version counters would miss ``p.data`` writes). Results
+# equal the eager ``step`` to rounding (tests/test_hyper_lstm.py compares them, gradients
+# included); a backward that builds a graph (double backward) recomputes the step with the eager
+# ops and differentiates that.
+def _step_params(cell: "HyperLSTMCell") -> tuple:
+    """The parameters ``_HyperStep`` reads, in its argument order (``scaling.bias`` may be None)."""
+    hyper, sc = cell.hyper, cell.scaling
+    return (cell.weight_ih, cell.weight_hh, hyper.weight_ih, hyper.weight_hh, hyper.bias,
+            sc.z_weight, sc.z_bias, sc.d_weight, sc.bias)
+
+
+def _lstm_gates_forward(pre: torch.Tensor, c: torch.Tensor | None, dim: int):
+    """One plain LSTM update from pre-activations ``pre`` whose dimension ``dim`` holds the gates
+    i, g, f, o: (activations, tanh(c'), c', h'); ``c`` None is a zero cell."""
+    acts = torch.sigmoid(pre)
+    i, g, f, o = acts.unbind(dim)
+    torch.tanh(pre.select(dim, 1), out=g)
+    c_new = i * g if c is None else torch.addcmul(f * c, i, g)
+    tc = torch.tanh(c_new)
+    return acts, tc, c_new, o * tc
+
+
+_aten = torch.ops.aten
+
+
+def _lstm_gates_backward(dh: torch.Tensor, dc: torch.Tensor, acts, tc, c, dim: int, out: torch.Tensor):
+    """Backward of ``_lstm_gates_forward``: the pre-activations' gradient written into ``out``
+    (shaped like ``acts``); returns the gradient of c."""
+    i, g, f, o = acts.unbind(dim)
+    dc = dc + _aten.tanh_backward(dh * o, tc)
+    d_g = _aten.tanh_backward(dc * i, g)
+    torch.stack([dc * g, d_g, dc * c if c is not None else torch.zeros_like(dc), dh * tc], dim, out=out)
+    _aten.sigmoid_backward.grad_input(out, acts, grad_input=out)
+    out.select(dim, 1).copy_(d_g)  # g went through tanh, not sigmoid
+    return dc * f
+
+
+class _HyperStep(torch.autograd.Function):
+    """One HyperLSTMCell step: (x, h, c, h_hat, c_hat) -> (h', cat([c', h_hat', c_hat'], -1)).
+
+    ``c`` is the main cell alone (with ``h_hat``, ``c_hat`` given, or both None: zeros) or the
+    main cell with the hyper state appended (``h_hat``, ``c_hat`` None). The main LSTM's gates
+    are kept gate-major, (4, B, H), so that d_h, d_x and b(z) of all gates come from one batched
+    product with the (12, N_z, H) projections."""
+
+    @staticmethod
+    def forward(ctx, cell, x, h, c, hh, ch, *params):
+        H, Hh, Nz = cell.hidden_size, cell.hyper_size, cell.embedding_size
+        if hh is None and c.size(-1) == H + 2 * Hh:  # the packed pair state
+            c_in, hh_in, ch_in = c[:, :H], c[:, H:H + Hh], c[:, H + Hh:]
+        else:
+            c_in, hh_in, ch_in = c, hh, ch
+        w_ih, w_hh, hw_ih, hw_hh, hb, zw, zb, dw, b0 = params
+        B = x.size(0)
+        # the hyper LSTM reads [h; x] (and its own h_hat): one product
+        if hh_in is None:
+            inp, w_inp = torch.cat([h, x], 1), hw_ih
+        else:
+            inp, w_inp = torch.cat([h, x, hh_in], 1), torch.cat([hw_ih, hw_hh], 1)
+        hyper_pre = F.linear(inp, w_inp, hb)
+        hacts, htc, ch_new, hh_new = _lstm_gates_forward(hyper_pre.view(B, 4, Hh), ch_in, 1)
+        z = F.linear(hh_new, zw)                                    # (B, 12 Nz): z_h, z_x, z_b
+        z[:, :8 * Nz] += zb
+        z12 = z.view(B, 12, Nz).transpose(0, 1)
+        d = torch.bmm(z12, dw.view(12, H, Nz).transpose(1, 2))      # (12, B, H): d_h, d_x, b(z)
+        wh = F.linear(h, w_hh).view(B, 4, H).transpose(0, 1)        # W_h h, (4, B, H)
+        wx = F.linear(x, w_ih).view(B, 4, H).transpose(0, 1)        # W_x x
+        d_b = d[8:] if b0 is None else d[8:].add_(b0.view(4, 1, H))
+        pre = torch.addcmul(d_b, d[:4], wh).addcmul_(d[4:8], wx)
+        acts, tc, c_new, h_new = _lstm_gates_forward(pre, c_in, 0)
+        ctx.cell, ctx.form = cell, ("packed" if c_in is not c else "full" if hh is not None else "short")
+        ctx.inter = (inp, w_inp, wh, wx, hacts, htc, hh_new, z12, d, acts, tc)
+        ctx.save_for_backward(x, h, c, hh, ch, *params)
+        return h_new, torch.cat([c_new, hh_new, ch_new], 1)
+
+    @staticmethod
+    def backward(ctx, dh_new, dc_ext):
+        x, h, c, hh, ch, *params = ctx.saved_tensors
+        cell = ctx.cell
+        if torch.is_grad_enabled():  # a graph of the gradient is wanted: recompute with eager ops
+            return _HyperStep._eager_backward(ctx, (x, h, c, hh, ch), (dh_new, dc_ext))
+        H, Hh, Nz = cell.hidden_size, cell.hyper_size, cell.embedding_size
+        if ctx.form == "packed":
+            c, hh, ch = c[:, :H], c[:, H:H + Hh], c[:, H + Hh:]
+        inp, w_inp, wh, wx, hacts, htc, hh_new, z12, d, acts, tc = ctx.inter
+        w_ih, w_hh, _, hw_hh, _, zw, zb, dw, b0 = params
+        B, I = x.shape
+        dc, dhh, dch = dc_ext.split([H, Hh, Hh], 1)
+        dd = x.new_empty(12, B, H)                                  # d of d_h, d_x, b(z)
+        dpre = dd[8:]
+        dc_prev = _lstm_gates_backward(dh_new, dc, acts, tc, c, 0, dpre)
+        torch.mul(dpre, wh, out=dd[:4])
+        torch.mul(dpre, wx, out=dd[4:8])
+        g_dw = torch.bmm(dd.transpose(1, 2), z12).view(3, 4, H, Nz)
+        dz = torch.bmm(dd, dw.view(12, H, Nz)).transpose(0, 1).reshape(B, 12 * Nz)
+        dhh = torch.addmm(dhh, dz, zw)
+        dhpre = x.new_empty(B, 4, Hh)
+        dch_prev = _lstm_gates_backward(dhh, dch, hacts, htc, ch, 1, dhpre)
+        dhpre = dhpre.view(B, 4 * Hh)
+        d_wh, d_wx = x.new_empty(B, 4, H), x.new_empty(B, 4, H)    # of W_h h, W_x x, batch-major
+        torch.mul(dpre, d[:4], out=d_wh.transpose(0, 1))
+        torch.mul(dpre, d[4:8], out=d_wx.transpose(0, 1))
+        d_wh, d_wx = d_wh.view(B, 4 * H), d_wx.view(B, 4 * H)
+        d_inp = dhpre.mm(w_inp)
+        g_inp = dhpre.t().mm(inp)
+        need = ctx.needs_input_grad
+        dx = torch.addmm(d_inp[:, H:H + I], d_wx, w_ih) if need[1] else None
+        dh = torch.addmm(d_inp[:, :H], d_wh, w_hh) if need[2] else None
+        dhh_prev = None if hh is None else d_inp[:, H + I:]
+        if ctx.form == "packed":
+            grads_c = (torch.cat([dc_prev, dhh_prev, dch_prev], 1), None, None)
+        elif ctx.form == "full":
+            grads_c = (dc_prev, dhh_prev, dch_prev)
+        else:
+            grads_c = (dc_prev, None, None)
+        param_grads = (d_wx.t().mm(x), d_wh.t().mm(h), g_inp[:, :H + I],
+                       torch.zeros_like(hw_hh) if hh is None else g_inp[:, H + I:],
+                       dhpre.sum(0), dz.t().mm(hh_new), dz[:, :8 * Nz].sum(0), g_dw,
+                       None if b0 is None else dpre.sum(1).view(4 * H))
+        return (None, dx, dh, *grads_c, *param_grads)
+
+    @staticmethod
+    def _eager_backward(ctx, inputs, grads):
+        """The gradients as a differentiable graph (``create_graph=True``): the step recomputed
+        with the eager ops from the saved inputs, then differentiated by autograd."""
+        cell = ctx.cell
+        H, Hh = cell.hidden_size, cell.hyper_size
+        params = _step_params(cell)  # the leaves themselves (the saved ones are the same tensors)
+        with torch.enable_grad():
+            x, h, c, hh, ch = inputs
+            if ctx.form == "packed":
+                c, hh, ch = c.split([H, Hh, Hh], -1)
+            elif ctx.form == "short":
+                hh = ch = c.new_zeros(c.size(0), Hh)
+            xw = torch.cat([F.linear(x, cell.weight_ih), F.linear(x, cell.hyper.weight_ih[:, H:], cell.hyper.bias)],
+                           -1)
+            h_new, (_, c_new, hh_new, ch_new) = cell.step(xw, (h, c, hh, ch))
+            outs = (h_new, torch.cat([c_new, hh_new, ch_new], -1))
+            every = (*inputs, *params)
+            wrt = [t for t in every if t is not None and t.requires_grad]
+            got = iter(torch.autograd.grad(outs, wrt, grads, create_graph=True, allow_unused=True))
+        out = [next(got) if t is not None and t.requires_grad else None for t in every]
+        out = [torch.zeros_like(t) if g is None and t is not None and t.requires_grad else g
+               for g, t in zip(out, every)]
+        return (None, *out)
+
+
 class HyperLSTMCell(nn.Module):
     """An LSTM cell whose weights are rescaled at every step by a small hyper LSTM.
 
-    ``forward(input (B, I) or (I,), hx=None) -> (h, c, h_hat, c_hat)``: the main state (h, c)
-    of size ``hidden_size`` and the hyper LSTM's state of size ``hyper_size``; ``hx`` is that
-    4-tuple or None (zeros).
+    ``h, c = cell(input (B, I) or (I,), hx=None)``, as nn.LSTMCell: ``h`` is exactly the main
+    LSTM's new h (what downstream layers read) and ``c = cat([c', h_hat', c_hat'], -1)`` of size
+    ``hidden_size + 2 * hyper_size`` carries the main cell and the hyper LSTM's state, as the
+    original TensorFlow cell concatenated its hyper state into its state. ``hx`` is None (zeros:
+    a decoder's first step), nn.LSTMCell's pair ``(h, c)`` with ``c`` of size ``hidden_size``
+    (the hyper state then starts at zero; e.g. the zeros a loop starts from) or the ``c`` this
+    cell returned (continues exactly), or the 4-tuple ``(h, c, h_hat, c_hat)``, which gets the
+    4-tuple back. So ``h, c = cell(x_t, (h, c))`` loops written for nn.LSTMCell run unchanged
+    (float64 and closure optimisers such as LBFGS included). Differences from nn.LSTMCell:
+    weights stacked in gate order i, g, f, o with the bias b_0 in ``scaling.bias`` (no
+    ``bias_ih``/``bias_hh``); a dtype other than the parameters' raises a TypeError.
 
-    Drop-in for nn.LSTMCell: given nn.LSTMCell's 2-tuple ``hx = (h, c)``, the cell returns a
-    2-tuple ``(h', c_ext)`` where ``h'`` is exactly the main LSTM's new h (what downstream layers
-    read) and ``c_ext = cat([c', h_hat', c_hat'], -1)`` of size ``hidden_size + 2 * hyper_size``
-    carries the main cell and the hyper state, as the original TensorFlow cell concatenated its
-    hyper state into its state. Passing ``(h', c_ext)`` back continues exactly; a ``c`` of size
-    ``hidden_size`` (e.g. the zeros a loop starts from) starts the hyper state at zero. So
-    ``h, c = cell(x_t, (h, c))`` loops written for nn.LSTMCell run unchanged (float64 and
-    closure optimisers such as LBFGS included). Differences from nn.LSTMCell: weights stacked in
-    gate order i, g, f, o with the bias b_0 in ``scaling.bias`` (no ``bias_ih``/``bias_hh``); a
-    dtype other than the parameters' raises a TypeError.
+    ``hyper_size`` None (the default) is ``default_hyper_size(hidden_size)``: hidden_size // 4,
+    at least 1 and at most the paper's 128, so never larger than the main cell. A single step
+    (``forward``) without layer norm or active recurrent dropout runs as one autograd Function
+    (``_HyperStep``), for step loops; other settings run the per-step reference ops.
 
     Options:
     * ``layer_norm`` normalises every gate pre-activation and the cell (main and hyper LSTM);
@@ -110,13 +274,14 @@ class HyperLSTMCell(nn.Module):
     the per-step reference path (same results, slower).
     """
 
-    def __init__(self, input_size: int, hidden_size: int, hyper_size: int = 128, embedding_size: int = 4,
+    def __init__(self, input_size: int, hidden_size: int, hyper_size: int | None = None, embedding_size: int = 4,
                  bias: bool = True, layer_norm: bool = False, recurrent_dropout: float = 0.0,
                  hyper_recurrent_dropout: float | None = None, z_input: str = "current",
                  layer_norm_eps: float = 1e-5, layer_norm_bias: bool = True, input_init: str = "orthogonal"):
         super().__init__()
         self.input_size = check_positive("input_size", input_size)
         self.hidden_size = check_positive("hidden_size", hidden_size)
+        hyper_size = default_hyper_size(hidden_size) if hyper_size is None else hyper_size
         self.hyper_size = check_positive("hyper_size", hyper_size)
         self.embedding_size = check_positive("embedding_size", embedding_size)
         self.recurrent_dropout = check_probability("recurrent_dropout", recurrent_dropout)
@@ -189,7 +354,52 @@ class HyperLSTMCell(nn.Module):
         return _fused.hyper_lstm_sequence(self, x, state) if self.fused_supported else None
 
     def forward(self, input: torch.Tensor, hx=None):
-        return run_cell(self, input, hx)
+        if not self._one_step_ok(input, hx):
+            out = run_cell(self, input, hx)  # validates, and runs the eager ``step``
+            return (out[0], torch.cat(out[1:], -1)) if hx is None else out
+        batched = input.dim() == 2
+        x = input if batched else input.unsqueeze(0)
+        H = self.hidden_size
+        if hx is None:
+            h = c = x.new_zeros(x.size(0), H)
+            hh = ch = None
+        else:
+            h, c, *rest = (s if batched else s.unsqueeze(0) for s in hx)
+            hh, ch = rest if rest else (None, None)
+        h_new, c_ext = _HyperStep.apply(self, x, h, c, hh, ch, *_step_params(self))
+        if hx is None or len(hx) == 2:  # nn.LSTMCell's pair; c carries the hyper state
+            out = (h_new, c_ext)
+        else:  # the 4-tuple it was given
+            out = (h_new, *c_ext.split([H, self.hyper_size, self.hyper_size], -1))
+        return out if batched else tuple(t.squeeze(0) for t in out)
+
+    def _one_step_ok(self, input, hx) -> bool:
+        """Whether ``forward`` may run ``_HyperStep``: the configuration it covers (no layer norm,
+        z from h_hat_t, no active recurrent dropout), well-formed arguments (anything else goes to
+        ``run_cell``, which reports it), and no autocast, torch.func transform, forward-mode AD or
+        compilation (those get the eager ops, which they handle natively)."""
+        if (not self.fused or self.layer_norm or self.z_input != "current"
+                or os.environ.get(_fused.ENV_VAR, "1") in ("0", "false", "False")
+                or (self.training and (self.recurrent_dropout > 0.0 or self.hyper.recurrent_dropout > 0.0))):
+            return False
+        if not isinstance(input, torch.Tensor) or input.dim() not in (1, 2) or input.size(-1) != self.input_size:
+            return False
+        w = self.weight_hh
+        if input.dtype != w.dtype or input.device != w.device or torch.is_autocast_enabled(input.device.type):
+            return False
+        if (torch._C._functorch.peek_interpreter_stack() is not None or torch.compiler.is_compiling()
+                or torch.autograd.forward_ad._current_level >= 0):
+            return False
+        if hx is None:
+            return True
+        if not isinstance(hx, (tuple, list)) or len(hx) not in (2, 4):
+            return False
+        lead = tuple(input.shape[:-1])
+        H, Hh = self.hidden_size, self.hyper_size
+        sizes = [(H,), (H, H + 2 * Hh)] if len(hx) == 2 else [(H,), (H,), (Hh,), (Hh,)]
+        return all(isinstance(t, torch.Tensor) and t.dtype == w.dtype and t.device == w.device
+                   and t.dim() == len(lead) + 1 and tuple(t.shape[:-1]) == lead and t.size(-1) in ok
+                   for t, ok in zip(hx, sizes))
 
 
 class HyperLSTM(RecurrentLayers):
@@ -220,7 +430,8 @@ class HyperLSTM(RecurrentLayers):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
-                 device=None, dtype=None, hyper_size: int = 128, embedding_size: int = 4, layer_norm: bool = False,
+                 device=None, dtype=None, hyper_size: int | None = None, embedding_size: int = 4,
+                 layer_norm: bool = False,
                  recurrent_dropout: float = 0.0, hyper_recurrent_dropout: float | None = None,
                  z_input: str = "current", layer_norm_eps: float = 1e-5, layer_norm_bias: bool = True,
                  input_init: str = "orthogonal", pair_state: bool = False):
@@ -239,7 +450,7 @@ class HyperLSTM(RecurrentLayers):
         self.bias = bool(bias)
         self.mode = "LSTM"  # nn.LSTM's attribute (code branches on it to build (h_0, c_0))
         self.pair_state = bool(pair_state)
-        self.hyper_size = hyper_size
+        self.hyper_size = cells[0].hyper_size  # the default resolved (default_hyper_size)
         self.embedding_size = embedding_size
         self.layer_norm = bool(layer_norm)
         self.recurrent_dropout = float(recurrent_dropout)
@@ -259,11 +470,12 @@ class HyperRNNCell(nn.Module):
 
     tensor_state = True  # the state may travel as one tensor, like nn.RNN's
 
-    def __init__(self, input_size: int, hidden_size: int, hyper_size: int = 128, embedding_size: int = 4,
+    def __init__(self, input_size: int, hidden_size: int, hyper_size: int | None = None, embedding_size: int = 4,
                  bias: bool = True):
         super().__init__()
         self.input_size = check_positive("input_size", input_size)
         self.hidden_size = check_positive("hidden_size", hidden_size)
+        hyper_size = default_hyper_size(hidden_size) if hyper_size is None else hyper_size
         self.hyper_size = check_positive("hyper_size", hyper_size)
         self.embedding_size = check_positive("embedding_size", embedding_size)
         H = hidden_size
@@ -316,7 +528,7 @@ class HyperRNN(RecurrentLayers):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 device=None, dtype=None, hyper_size: int = 128, embedding_size: int = 4):
+                 device=None, dtype=None, hyper_size: int | None = None, embedding_size: int = 4):
         check_positive("input_size", input_size)
         check_positive("hidden_size", hidden_size)
         check_positive("num_layers", num_layers)
@@ -330,7 +542,7 @@ class HyperRNN(RecurrentLayers):
         self.nonlinearity = nonlinearity
         self.mode = "RNN_TANH"
         self.bias = bool(bias)
-        self.hyper_size = hyper_size
+        self.hyper_size = cells[0].hyper_size  # the default resolved (default_hyper_size)
         self.embedding_size = embedding_size
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)

@@ -1,0 +1,160 @@
+"""Single-step recurrent cells in a Python step loop, as ratios to torch.nn.LSTMCell.
+
+    python benchmarks/cell_loop_speed.py               # the time-series example's size (below)
+    python benchmarks/cell_loop_speed.py --quick       # smoke run
+    python benchmarks/cell_loop_speed.py --sequence    # also the sequence layers at the demo's size
+
+The loop is that of PyTorch's public time-series example (``time_sequence_prediction``): two
+stacked cells (input 1 -> hidden 51 -> hidden 51) and a linear read-out, float64, batch 97, a
+step loop written for nn.LSTMCell::
+
+    h1, c1 = cell1(x_t, (h1, c1)); h2, c2 = cell2(h1, (h2, c2)); y_t = linear(h2)
+
+from zero (h, c) of nn.LSTMCell's shapes, over 300 steps, then ``sum(y).backward()``. HyperLSTMCell
+(hyper 16, N_z 4) runs the same loop unchanged: its ``c`` carries the hyper state after the first
+step. ``--sequence`` also times one forward + backward of the sequence layers (HyperLSTM against
+torch.nn.LSTM) at the command-line demo's size: input 50, hidden 128, hyper 32, N_z 4, 64 steps,
+batch 32, float32. Times are medians over interleaved rounds (the models take turns so that load
+from other processes spreads evenly over them), on one thread unless ``--threads`` says otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+ROOT = Path(__file__).resolve().parents[1] / "src"  # the package, when run from a checkout without installing
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from hypernetworks.nn import HyperLSTM, HyperLSTMCell, LSTMCell  # noqa: E402
+
+LOOP = dict(input_size=1, hidden_size=51, hyper_size=16, embedding_size=4, steps=300, batch=97)
+LOOP_QUICK = dict(LOOP, steps=20)
+SEQUENCE = dict(input_size=50, hidden_size=128, hyper_size=32, embedding_size=4, seq_len=64, batch=32)
+SEQUENCE_QUICK = dict(SEQUENCE, seq_len=8)
+CELLS = ("torch.nn.LSTMCell", "HyperLSTMCell", "LSTMCell")
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+class StackedCells(nn.Module):
+    """The time-series example's model with a chosen cell class."""
+
+    def __init__(self, kind: str, size: dict) -> None:
+        super().__init__()
+        I, H = size["input_size"], size["hidden_size"]
+        if kind == "torch.nn.LSTMCell":
+            make = nn.LSTMCell
+        elif kind == "HyperLSTMCell":
+            def make(i, h):
+                return HyperLSTMCell(i, h, hyper_size=size["hyper_size"], embedding_size=size["embedding_size"])
+        elif kind == "LSTMCell":
+            make = LSTMCell
+        else:
+            raise ValueError(f"unknown cell {kind!r}")
+        self.hidden_size = H
+        self.lstm1, self.lstm2 = make(I, H), make(H, H)
+        self.linear = nn.Linear(H, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (B, T, 1) as in the example
+        B, H = x.size(0), self.hidden_size
+        h1 = c1 = h2 = c2 = x.new_zeros(B, H)
+        outputs = []
+        for x_t in x.split(1, dim=1):
+            h1, c1 = self.lstm1(x_t.squeeze(1), (h1, c1))
+            h2, c2 = self.lstm2(h1, (h2, c2))
+            outputs.append(self.linear(h2))
+        return torch.cat(outputs, dim=1)
+
+
+def _rounds(fns: dict, repeats: int, clock: str) -> dict[str, float]:
+    for fn in fns.values():  # warm-up
+        fn()
+    now = CLOCKS[clock]
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    for _ in range(repeats):
+        for n, fn in fns.items():
+            t0 = now()
+            fn()
+            times[n].append(now() - t0)
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
+def time_loop(kinds, size: dict, repeats: int, clock: str) -> dict[str, float]:
+    torch.manual_seed(0)
+    x = torch.randn(size["batch"], size["steps"], size["input_size"], dtype=torch.float64)
+    models = {k: StackedCells(k, size).double() for k in kinds}
+
+    def run(m):
+        def fn():
+            m(x).sum().backward()
+            m.zero_grad(set_to_none=True)
+        return fn
+    return _rounds({k: run(m) for k, m in models.items()}, repeats, clock)
+
+
+def time_sequence(size: dict, repeats: int, clock: str) -> dict[str, float]:
+    torch.manual_seed(0)
+    x = torch.randn(size["seq_len"], size["batch"], size["input_size"])
+    I, H = size["input_size"], size["hidden_size"]
+    models = {"torch.nn.LSTM": nn.LSTM(I, H),
+              "HyperLSTM": HyperLSTM(I, H, hyper_size=size["hyper_size"], embedding_size=size["embedding_size"])}
+
+    def run(m):
+        def fn():
+            m(x)[0].sum().backward()
+            m.zero_grad(set_to_none=True)
+        return fn
+    return _rounds({k: run(m) for k, m in models.items()}, repeats, clock)
+
+
+def _table(title: str, times: dict[str, float], ref: str) -> None:
+    print(title + "\n")
+    print(f"| model | fwd+bwd time (s) | time / {ref} |")
+    print("|---|---:|---:|")
+    for n, t in times.items():
+        print(f"| {n} | {t:.4f} | {t / times[ref]:.2f}x |")
+    print()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="few steps and rounds: a smoke run")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 15, quick 3)")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall (default) or cpu: this process's CPU time (excludes waiting for a core on a loaded "
+                        "machine; meaningful with one thread)")
+    p.add_argument("--cells", nargs="+", default=list(CELLS[:2]), choices=CELLS, metavar="CELL",
+                   help=f"cells to time in the loop (torch.nn.LSTMCell is always included): {', '.join(CELLS)}")
+    p.add_argument("--steps", type=int, default=None, help="time steps of the loop (default 300, quick 20)")
+    p.add_argument("--sequence", action="store_true", help="also time HyperLSTM vs torch.nn.LSTM at the demo's size")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    repeats = args.repeats or (3 if args.quick else 15)
+    kinds = ["torch.nn.LSTMCell"] + [k for k in args.cells if k != "torch.nn.LSTMCell"]
+    size = dict(LOOP_QUICK if args.quick else LOOP)
+    if args.steps:
+        size["steps"] = args.steps
+    load = f"; load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    head = (f"{torch.get_num_threads()} thread(s); torch {torch.__version__}; median of {repeats} interleaved "
+            f"rounds; {args.clock} clock{load}")
+    desc = ", ".join(f"{k}={v}" for k, v in size.items())
+    _table(f"Step loop of two stacked cells, float64, fwd+bwd, {desc}; {head}",
+           time_loop(kinds, size, repeats, args.clock), "torch.nn.LSTMCell")
+    if args.sequence:
+        size = SEQUENCE_QUICK if args.quick else SEQUENCE
+        desc = ", ".join(f"{k}={v}" for k, v in size.items())
+        _table(f"Sequence layer, float32, fwd+bwd, {desc}; {head}",
+               time_sequence(size, repeats, args.clock), "torch.nn.LSTM")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -417,7 +417,8 @@ def default_callbacks(run_dir: str | os.PathLike, task_cls: type | None = None) 
 
 def _fit_version(folder: Path) -> int | None:
     """The latest ``version_N`` in ``folder`` (a run's ``csv/``) written by a fit: a version whose
-    ``metrics.csv`` holds only ``test_*`` columns was written by ``test`` and is skipped."""
+    ``metrics.csv`` has no ``train_*`` or ``val_*`` column was written by ``test`` (or ``predict``)
+    and is skipped; so is nothing else (a fit stopped before its first log has no metrics.csv)."""
     versions = sorted((int(p.name[len("version_"):]) for p in folder.glob("version_*")
                        if p.is_dir() and p.name[len("version_"):].isdigit()), reverse=True)
     for v in versions:
@@ -425,7 +426,7 @@ def _fit_version(folder: Path) -> int | None:
         if metrics.is_file():
             with open(metrics, newline="") as f:
                 columns = [c for c in next(csv.reader(f), []) if c not in ("epoch", "step")]
-            if columns and all(c.startswith("test_") for c in columns):
+            if not any(c.startswith(("train_", "val_")) for c in columns):
                 continue
         return v
     return None

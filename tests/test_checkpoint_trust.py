@@ -278,3 +278,25 @@ def test_damaged_data_file_is_one_paragraph_and_leaves_no_run_folder(tmp_path, m
     err = capsys.readouterr().err
     assert "ptb.char.train.txt" in err and "Traceback" not in err and len(err.strip().splitlines()) <= 5
     assert not (tmp_path / "runs" / "ptb-small-lstm").exists()
+
+
+def test_fifo_named_ckpt_is_refused_without_blocking(tmp_path):
+    import os
+
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("this system cannot make a named pipe (os.mkfifo)")
+    fifo = tmp_path / "x.ckpt"
+    os.mkfifo(fifo)
+    result: list = []
+
+    def load():
+        try:
+            read_checkpoint(fifo)
+        except Exception as e:  # noqa: BLE001 - the test inspects what was raised
+            result.append(e)
+
+    t = threading.Thread(target=load, daemon=True)
+    t.start()
+    t.join(5)
+    assert not t.is_alive(), "read_checkpoint blocked on a FIFO"
+    assert isinstance(result[0], CheckpointError) and "not a regular file" in str(result[0])

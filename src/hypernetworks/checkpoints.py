@@ -23,6 +23,7 @@ import math
 import os
 import pickle
 import re
+import stat
 import tempfile
 import urllib.error
 import urllib.request
@@ -180,9 +181,20 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *, timeo
     deadline = time.monotonic() + (DOWNLOAD_DEADLINE_S if deadline_s is None else deadline_s)
     max_bytes = MAX_DOWNLOAD_BYTES if max_download_bytes is None else max_download_bytes
     if not _is_url(name):
-        if not Path(name).is_file():
-            raise FileNotFoundError(f"checkpoint not found: {name}")
-        return _torch_load(name, name, map_location, lightning)
+        # opened without blocking and checked on the descriptor: a FIFO or device named *.ckpt (or
+        # swapped in after a check by path) is refused instead of blocking the reader forever
+        try:
+            fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise FileNotFoundError(f"checkpoint not found: {name}") from None
+        except OSError as e:
+            raise CheckpointError(f"cannot read checkpoint {name}: {e.strerror}") from None
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                if stat.S_ISDIR(os.fstat(f.fileno()).st_mode):
+                    raise FileNotFoundError(f"checkpoint not found: {name} (a directory)")
+                raise CheckpointError(f"{name} is not a regular file (a pipe, socket or device); refusing to read it")
+            return _torch_load(f, name, map_location, lightning)
     # Remote: copied to an anonymous temporary file (no cache that a later URL with the same file
     # name could hit), then checked and loaded like a local file.
     with tempfile.TemporaryFile() as tmp:

@@ -315,6 +315,13 @@ def test_demo_rerun_points_at_its_own_checkpoints(tmp_path, capfd, monkeypatch):
         assert [p.name for p in (run / r["cell"] / "csv").iterdir()] == ["version_0"]
     assert "Replacing the earlier demo" in out
     assert sorted(p.name for p in run.rglob("*.ckpt")) == ["best-step=2.ckpt"] * 2 + ["last.ckpt"] * 2
+    # a folder holding runs of another command (no demo marker, no results.json) is not touched
+    other = Path("runs/mine")
+    (other / "lstm" / "checkpoints").mkdir(parents=True)
+    (other / "lstm" / "checkpoints" / "last.ckpt").write_bytes(b"kept")
+    with pytest.raises(SystemExit, match="not a demo's"):
+        cli_main([*quick, "--steps", "2", "--run-dir", str(other)])
+    assert (other / "lstm" / "checkpoints" / "last.ckpt").read_bytes() == b"kept"
 
 
 def test_tests_cannot_download():

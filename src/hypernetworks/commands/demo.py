@@ -89,25 +89,36 @@ def _train(cell: str, args, run_dir: Path):
     }
 
 
+MARKER = ".hypernetworks-demo"  # written into the run folder when a demo starts
+
+
 def _clear_earlier_demo(run_dir: Path) -> bool:
     """Remove what an earlier demo wrote into ``run_dir`` (only the demo's own files: each model's
     checkpoints/, csv/ and tb/, results.json and the activity pictures), so that the folder holds
     this run alone: Lightning would otherwise write last-v1.ckpt beside the old last.ckpt, and the
-    demo page would list both. Returns whether anything was removed."""
+    demo page would list both. Returns whether anything was removed.
+
+    A folder is a demo's when it holds the demo's marker file or its results.json; a folder with
+    ``hyperlstm/`` or ``lstm/`` checkpoints but neither (runs of another command) is left alone
+    and the demo stops with a message instead."""
     import shutil
 
-    removed = False
-    for cell in ("hyperlstm", "lstm"):
-        for sub in ("checkpoints", "csv", "tb"):
-            folder = run_dir / cell / sub
-            if folder.is_dir():
-                shutil.rmtree(folder)
-                removed = True
-    for name in ("results.json", "activity.html", "activity.png"):
-        if (run_dir / name).is_file():
-            (run_dir / name).unlink()
-            removed = True
-    return removed
+    cells = [run_dir / cell / sub for cell in ("hyperlstm", "lstm") for sub in ("checkpoints", "csv", "tb")]
+    files = [run_dir / name for name in ("results.json", "activity.html", "activity.png", MARKER)]
+    if not any(p.exists() for p in cells + files):
+        return False
+    if not ((run_dir / MARKER).is_file() or (run_dir / "results.json").is_file()):
+        if any(p.is_dir() for p in cells):
+            raise SystemExit(f"hypernetworks demo: {run_dir} holds runs that are not a demo's (no {MARKER} or "
+                             "results.json); the demo replaces its folder, so choose another --run-dir")
+        return False
+    for folder in cells:
+        if folder.is_dir():
+            shutil.rmtree(folder)
+    for f in files:
+        if f.is_file():
+            f.unlink()
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.run_dir)
     if _clear_earlier_demo(run_dir):
         print(f"Replacing the earlier demo in {run_dir}.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / MARKER).write_text("written by hypernetworks demo: a rerun into this folder replaces it\n")
     print(f"Training a HyperLSTM and an LSTM ({args.hidden_size} units, {args.steps} steps of "
           f"{args.batch_size}x{args.seq_len} characters, seed {args.seed}) on the pydoc_data text ...", flush=True)
     results, tasks = [], {}

@@ -184,6 +184,16 @@ def _err(got: list, want: list, norm: bool = False) -> tuple[float, bool]:
 
 
 def correctness(device: torch.device, quick: bool) -> tuple[dict, bool]:
+    """The checks, in full float32 (TF32 off for cuBLAS and cuDNN while they run)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        return _correctness(device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _correctness(device: torch.device) -> tuple[dict, bool]:
     from hypernetworks.nn import _sequence
 
     s = SMALL
@@ -482,8 +492,15 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # record the failure and go on with the next part
             values, passed = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}, False
         path = write_record(out, part, args, device, values, passed, started)
-        summary = values.get("markdown") or values.get("failed") or values.get("error") or {
-            k: values.get(k) for k in ("val_bpc_final", "seconds_per_step_median", "epochs_done") if k in values}
+        if "error" in values:
+            summary = values["error"]
+        elif part == "correctness":
+            summary = f"{len(values['checks'])} checks, failed: {values['failed'] or 'none'}; skipped: {values['skipped']}"
+        elif part == "speed":
+            summary = values["markdown"]
+        else:
+            summary = {k: values.get(k) for k in ("val_bpc_final", "seconds_per_step_median", "epochs_done",
+                                                  "estimated_epoch_seconds", "skipped") if k in values}
         print(f"[gpu_check] {part}: {'passed' if passed else 'FAILED'} in {time.perf_counter() - started:.0f} s "
               f"-> {path}\n{summary if isinstance(summary, str) else json.dumps(summary, indent=1)}", flush=True)
         status |= 0 if passed else 1

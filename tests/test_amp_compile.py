@@ -225,3 +225,15 @@ def test_torch_compile_matches_eager():
     torch.testing.assert_close(o2, o1, rtol=1e-5, atol=1e-6)
     for a, b in zip(g2, g1, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_importing_the_layers_does_not_load_dynamo():
+    """The per-layer compiler.disable is applied lazily: ``import hypernetworks.nn`` stays free of
+    torch._dynamo (about a second of import time)."""
+    import subprocess
+    import sys
+
+    code = "import sys, hypernetworks.nn; print('torch._dynamo' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "False"

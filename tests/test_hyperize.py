@@ -313,3 +313,165 @@ def test_attention_with_separate_key_value_sizes_keeps_its_projections():
     with pytest.raises(ValueError, match=r"MultiheadAttention, in_proj_weight \(72, 24\)\) cannot be made of 16x16 "
                                          r"tiles: 3 x embed_dim 72 is not a multiple of 16"):
         hyperize(nn.MultiheadAttention(24, 2), nn.MultiheadAttention, tile_size=16)
+
+
+# ---------------------------------------------------------------- transposed convolutions (DCGAN)
+class DCGANGenerator(nn.Module):
+    """PyTorch's DCGAN example generator at a small size (nz 16, ngf 16, 32x32 images)."""
+
+    def __init__(self, nz: int = 16, ngf: int = 16, nc: int = 3) -> None:
+        super().__init__()
+        self.main = nn.Sequential(
+            nn.ConvTranspose2d(nz, ngf * 4, 4, 1, 0, bias=False), nn.BatchNorm2d(ngf * 4), nn.ReLU(True),
+            nn.ConvTranspose2d(ngf * 4, ngf * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf * 2), nn.ReLU(True),
+            nn.ConvTranspose2d(ngf * 2, ngf, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf), nn.ReLU(True),
+            nn.ConvTranspose2d(ngf, nc, 4, 2, 1, bias=False), nn.Tanh())
+
+    def forward(self, x):
+        return self.main(x)
+
+
+def dcgan_weights_init(m: nn.Module) -> None:
+    """The DCGAN example's custom initialisation, applied with model.apply."""
+    classname = m.__class__.__name__
+    if classname.find("Conv") != -1:
+        nn.init.normal_(m.weight.data, 0.0, 0.02)
+    elif classname.find("BatchNorm") != -1:
+        nn.init.normal_(m.weight.data, 1.0, 0.02)
+        nn.init.constant_(m.bias.data, 0)
+
+
+def _convt_std(model: nn.Module) -> dict[str, float]:
+    return {n: float(m.weight.detach().std()) for n, m in model.named_modules()
+            if isinstance(m, nn.modules.conv._ConvTransposeNd)}
+
+
+def test_dcgan_generator_conv_transpose_report_train_and_materialise():
+    torch.manual_seed(0)
+    plain = DCGANGenerator()
+    model = hyperize(plain)
+    report = model.hyperize_report
+    assert report.generated == ["main.0.weight", "main.3.weight", "main.6.weight"]
+    assert "out_channels/groups 3 is not a multiple of 16" in report.ordinary["main.9.weight"]
+    assert "ConvTranspose2d" in str(report) and "4x2 tiles of 16x16x4x4" in str(report)
+    assert type(model.main[3]) is not nn.ConvTranspose2d and isinstance(model.main[3], nn.ConvTranspose2d)
+    for name, std in _convt_std(model).items():  # init="match": each layer starts at its own scale
+        assert std == pytest.approx(_convt_std(plain)[name], rel=1e-4)
+    x = torch.randn(4, 16, 1, 1)
+    target = torch.rand(4, 3, 32, 32) * 2 - 1
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(5):
+        loss = F.mse_loss(model(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(t.z.grad is not None for t in _tiled(model))
+    model.eval()
+    flat = materialise(model)
+    assert type(flat.main[3]) is nn.ConvTranspose2d and not parametrize.is_parametrized(flat.main[3])
+    torch.testing.assert_close(flat(x), model(x))
+    DCGANGenerator().load_state_dict(flat.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("dim", [1, 3])
+def test_conv_transpose_1d_and_3d_with_groups(dim):
+    torch.manual_seed(1)
+    convt = {1: nn.ConvTranspose1d, 3: nn.ConvTranspose3d}[dim]
+    net = nn.Sequential(convt(32, 16, 3, stride=2, groups=2), nn.ReLU(), convt(16, 8, 3))
+    model = hyperize(net, tile_size=8)
+    assert model.hyperize_report.generated == ["0.weight", "2.weight"]
+    x = torch.randn(2, 32, *([4] * dim))
+    y = model(x)
+    y.sum().backward()
+    flat = materialise(model)
+    assert type(flat[0]) is convt and flat[0].weight.shape == (32, 8, *([3] * dim))
+    torch.testing.assert_close(flat(x), y.detach())
+
+
+# ---------------------------------------------------------------- initialisation after hyperize
+def test_dcgan_weights_init_after_hyperize_acts_on_the_generated_weights():
+    torch.manual_seed(2)
+    model = hyperize(DCGANGenerator())
+    z_before = [t.z.detach().clone() for t in _tiled(model)]
+    model.apply(dcgan_weights_init)
+    for name, std in _convt_std(model).items():  # generated and ordinary layers alike
+        assert std == pytest.approx(0.02, rel=1e-5 if name != "main.9" else 0.2), name
+    assert all(not torch.equal(t.z, z) for t, z in zip(_tiled(model), z_before))  # re-drawn, not only rescaled
+    assert float(model.main[1].weight.detach().mean()) == pytest.approx(1.0, abs=0.02)  # BatchNorm as usual
+
+    def build(seed):  # reproducible under the global seed, like the ordinary init
+        torch.manual_seed(seed)
+        return hyperize(DCGANGenerator()).apply(dcgan_weights_init)
+    for a, b in zip(_tiled(build(3)), _tiled(build(3))):
+        assert torch.equal(a.z, b.z)
+    # the forward uses the new weights, and materialise writes them in
+    x = torch.randn(2, 16, 1, 1)
+    torch.testing.assert_close(materialise(model).main[3].weight.detach(), model.main[3].weight.detach())
+    torch.testing.assert_close(materialise(model).eval()(x), model.eval()(x))
+
+
+@pytest.mark.parametrize("init, expected", [
+    (lambda w: nn.init.normal_(w, 0.0, 0.05), 0.05),
+    (lambda w: nn.init.uniform_(w, -0.1, 0.1), 0.1 / math.sqrt(3)),
+    (lambda w: nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu"), math.sqrt(2 / (64 * 16))),
+    (lambda w: nn.init.kaiming_uniform_(w, a=math.sqrt(5)), math.sqrt(1 / 3) / math.sqrt(32 * 16)),
+    (lambda w: nn.init.xavier_uniform_(w), math.sqrt(2 / (64 * 16 + 32 * 16))),
+    (lambda w: nn.init.trunc_normal_(w, std=0.02), 0.02),
+    (lambda w: w.data.normal_(0, 0.03), 0.03),
+    (lambda w: w.detach().uniform_(-0.2, 0.2), 0.2 / math.sqrt(3)),
+])
+def test_plain_nn_init_calls_on_a_generated_weight(init, expected):
+    """ConvTranspose2d(64, 32, 4): weight (64, 32, 4, 4); torch's fan_in is dim 1 (32 * 16)."""
+    torch.manual_seed(4)
+    layer = hyperize(DCGANGenerator()).main[3]
+    init(layer.weight)
+    assert float(layer.weight.detach().std()) == pytest.approx(expected, rel=1e-4)
+
+
+def test_writes_a_generated_weight_cannot_take_raise_naming_the_layer():
+    torch.manual_seed(5)
+    model = hyperize(DCGANGenerator())
+    layer = model.main[3]
+    tiled = layer.parametrizations.weight[0]
+    z = tiled.z.detach().clone()
+    attempts = {
+        "constant_": lambda w: nn.init.constant_(w, 0.1),
+        "zeros_": lambda w: nn.init.zeros_(w),
+        "orthogonal_": lambda w: nn.init.orthogonal_(w),
+        "mean": lambda w: nn.init.normal_(w, 1.0, 0.02),
+        "asymmetric uniform": lambda w: nn.init.uniform_(w, 0.0, 1.0),
+        ".data.fill_": lambda w: w.data.fill_(0.5),
+        "slice": lambda w: w.data[0].normal_(0, 0.02),
+        "mul_": lambda w: w.mul_(2),
+        "setitem": lambda w: w.data.__setitem__(0, 0.0),
+        "+=": lambda w: w.data.__iadd__(1.0),
+        "out=": lambda w: torch.mul(torch.ones(w.shape), 2, out=w.data),
+        ".data =": lambda w: setattr(w, "data", torch.zeros(w.shape)),
+        # trunc_normal_ whose first draw leaves values outside the bounds: the draw is undone
+        "trunc_normal_ out of bounds": lambda w: nn.init.trunc_normal_(w, std=1.0, a=-0.5, b=0.5),
+    }
+    for what, attempt in attempts.items():
+        with pytest.raises(RuntimeError, match=r"layer 'main\.3' \(ConvTranspose2d, weight\).*generated"):
+            attempt(layer.weight)
+        assert torch.equal(tiled.z, z), what  # nothing half-done
+    with pytest.raises(RuntimeError, match=r"layer 'main\.3'.*an assigned tensor"):
+        layer.weight = torch.zeros(64, 32, 4, 4)
+    assert torch.equal(tiled.z, z)
+    model(torch.randn(2, 16, 1, 1))  # still a working model
+
+
+def test_the_forward_reads_plain_weights():
+    """Only reads from outside the model's forward are intercepted: the forward itself (and
+    batched_kernels) sees the batched kernel as a plain tensor."""
+    from hypernetworks.nn.static import _GeneratedWeight
+    model = hyperize(DCGANGenerator())
+    seen = []
+    model.main[3].register_forward_pre_hook(lambda m, args: seen.append(type(m.weight)))
+    model(torch.randn(2, 16, 1, 1))
+    assert seen == [torch.Tensor]
+    assert type(model.main[3].weight) is _GeneratedWeight
+    y = model.main[3](torch.randn(2, 64, 4, 4))  # a layer called on its own still works
+    assert type(y) is torch.Tensor and y.shape == (2, 32, 8, 8)

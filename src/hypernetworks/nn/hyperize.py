@@ -6,12 +6,19 @@
     plain = materialise(model)           # MyCNN again, generated weights written in
     MyCNN().load_state_dict(plain.state_dict(), strict=True)
 
-Each chosen ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` / ``nn.Linear`` keeps its class and forward;
+Each chosen ``nn.Conv1d/2d/3d`` / ``nn.ConvTranspose1d/2d/3d`` / ``nn.Linear`` keeps its class and forward;
 its ``weight`` (``in_proj_weight`` for an ``nn.MultiheadAttention``) becomes a ``TiledWeight`` parametrization (torch.nn.utils.parametrize): a grid of
 basic (tile_out x tile_in x kernel) tiles, each made by a KernelGenerator from its own embedding z
 of N_z numbers. Layers with the same kernel shape share one generator (``share="all"``), as the
 paper's Hyper WRN does, or one per distinct weight shape (``share="shape"``). A forward pre-hook on
 the model makes every tile of every layer in one batched generator call per generator.
+
+Initialisation after hyperize: a generated weight read outside the model's forward
+(``layer.weight``, ``.data``, views) intercepts in-place writes. Zero-mean random initialisations
+(``nn.init.normal_``, symmetric ``uniform_``, ``kaiming_*``, ``xavier_*``, ``trunc_normal_`` with
+symmetric bounds, or ``weight.data.normal_(0, std)``) re-draw that layer's embeddings and scale
+them to the requested standard deviation; any other write (constants, ``copy_``, ``orthogonal_``,
+a non-zero mean, a slice, assigning a tensor) raises a RuntimeError naming the layer.
 """
 from __future__ import annotations
 
@@ -29,9 +36,11 @@ from hypernetworks.nn.static import BatchedGeneration, KernelGenerator, TiledWei
 
 __all__ = ["hyperize", "HyperizeReport", "SUPPORTED_LAYERS", "accept_hyperconv2d_state_dicts"]
 
-#: Layer types whose weight hyperize can generate: (out, in[/groups], *kernel) weights, and the
-#: (3 E, E) ``in_proj_weight`` of nn.MultiheadAttention (its out_proj is an nn.Linear).
-SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
+#: Layer types whose weight hyperize can generate: (out, in[/groups], *kernel) weights, the
+#: (in, out/groups, *kernel) weights of the transposed convolutions, and the (3 E, E)
+#: ``in_proj_weight`` of nn.MultiheadAttention (its out_proj is an nn.Linear).
+SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
+                                                 nn.ConvTranspose2d, nn.ConvTranspose3d, nn.MultiheadAttention)
 
 
 def _weight_name(m: nn.Module) -> str | None:
@@ -128,6 +137,8 @@ def _misfit(m: nn.Module, weight: torch.Tensor, tile: tuple[int, int]) -> str | 
         labels = ("out_features", "in_features")
     elif isinstance(m, nn.MultiheadAttention):
         labels = ("3 x embed_dim", "embed_dim")
+    elif isinstance(m, nn.modules.conv._ConvTransposeNd):  # torch stores (in, out/groups, *kernel)
+        labels = ("in_channels", "out_channels/groups")
     else:
         labels = ("out_channels", "in_channels/groups")
     bad = [f"{lbl} {n} is not a multiple of {t}" for lbl, n, t in zip(labels, weight.shape[:2], tile) if n % t]
@@ -153,7 +164,8 @@ def hyperize(model: nn.Module, layers: LayerSpec = None, *, tile_size: int | tup
 
     Args:
         model: any ``nn.Module``.
-        layers: which layers (nn.Linear, nn.Conv1d/2d/3d, nn.MultiheadAttention's in_proj_weight) to generate. None (default): every one
+        layers: which layers (nn.Linear, nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, nn.MultiheadAttention's
+            in_proj_weight) to generate. None (default): every one
             whose weight is a whole grid of basic tiles; the others stay ordinary and the report
             says why. Or a name pattern (``"features.*"``, fnmatch on qualified module names), a
             list of patterns, a layer type or tuple of types, or a predicate ``(name, module) -> bool``.
@@ -163,7 +175,8 @@ def hyperize(model: nn.Module, layers: LayerSpec = None, *, tile_size: int | tup
             "shape": one generator per distinct weight shape (relaxed sharing within each shape).
         init: each generated weight starts with the standard deviation of ...
             "match": the layer's own weight as given (i.e. its ordinary initialisation; default),
-            "kaiming": Kaiming normal (fan-in, ReLU), a float: that std, "generator": whatever the
+            "kaiming": Kaiming normal (fan-in, ReLU; torch's fan-in convention, i.e. dim 1 of the weight,
+            for transposed convolutions too), a float: that std, "generator": whatever the
             generator's single-tile initialisation gives (the paper's set-up, no per-layer scale).
             Done by scaling each layer's embeddings (the kernel is linear in z at initialisation).
         strict: refuse (ValueError naming the layer and shapes) a selected layer that cannot be
@@ -253,6 +266,7 @@ def hyperize(model: nn.Module, layers: LayerSpec = None, *, tile_size: int | tup
             generators[key] = KernelGenerator(embedding_size, tile[1], tile[0], kernel, hidden_size).to(
                 device=w.device, dtype=w.dtype)
         t = TiledWeight(generators[key], w.shape, own_generator=new)
+        t.layer_name = f"layer {name or '(the model itself)'!r} ({type(m).__name__}, {wname})"  # for its errors
         targets.append(_target_std(init, w))
         parametrize.register_parametrization(m, wname, t, unsafe=True)  # shapes hold by construction
         tiled.append(t)

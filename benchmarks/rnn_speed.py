@@ -97,13 +97,19 @@ def make_input(size: dict, device: torch.device, packed: bool):
     return torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
 
 
+AUTOCAST: dict = {"dtype": None}  # --autocast: the forward under torch.autocast in this dtype
+
+
 def step(model: torch.nn.Module, x) -> None:
     saved = dict(_kernels._state)
     if getattr(model, "without_kernels", False):
         _kernels._state.update(lib=None, why="benchmark row without kernels")
     try:
-        out, _ = model(x)
-        (out.data if isinstance(out, torch.nn.utils.rnn.PackedSequence) else out).sum().backward()
+        dtype = AUTOCAST["dtype"]
+        device = (x.data if isinstance(x, torch.nn.utils.rnn.PackedSequence) else x).device.type
+        with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            out, _ = model(x)
+        (out.data if isinstance(out, torch.nn.utils.rnn.PackedSequence) else out).float().sum().backward()
     finally:
         _kernels._state.clear()
         _kernels._state.update(saved)
@@ -219,6 +225,7 @@ def peak_memory_here(name: str, size: dict, device: torch.device, packed: bool =
 def peak_memory(name: str, args) -> int | None:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-of", name, "--device", args.device,
            "--labml-path", args.labml_path] + (["--quick"] if args.quick else []) + (["--packed"] if args.packed else [])
+    cmd += ["--autocast", args.autocast] if args.autocast else []
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if res.returncode != 0:
         print(f"memory measurement of {name} failed:\n{res.stderr[-2000:]}", file=sys.stderr)
@@ -241,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                    help="wall (default) or cpu: this process's CPU time, which excludes the time the process "
                         "waits for a core on a loaded machine (meaningful with --threads 1)")
+    p.add_argument("--autocast", choices=("bf16", "fp16"), default=None,
+                   help="run each forward under torch.autocast in this dtype (mixed precision; backward outside)")
     p.add_argument("--labml-path", default="/tmp/labml", help="where labml-nn was pip-installed with --target")
     p.add_argument("--profile", default=None, choices=MODELS, metavar="MODEL",
                    help="print torch.profiler's table (self CPU time) of one forward+backward of MODEL and exit")
@@ -251,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    AUTOCAST["dtype"] = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.autocast]
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
@@ -291,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     mems = {n: (None if args.no_memory else peak_memory(n, args)) for n in runnable}
 
     desc = ", ".join(f"{k}={v}" for k, v in size.items()) + (", PackedSequence (lengths in [T/2, T])" if args.packed else "")
+    desc += f", autocast {args.autocast}" if args.autocast else ""
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     load = f"; load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     print(f"fwd+bwd, {desc}; {where}; torch {torch.__version__}; median of {repeats} interleaved rounds; "

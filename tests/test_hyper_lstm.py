@@ -555,11 +555,22 @@ def _state_forms(B=3):
             "full": (lambda: full, full)}
 
 
+def _one_step_path(monkeypatch, path: str) -> None:
+    """The one-step Function with the compiled step kernels (where they build) or with PyTorch ops."""
+    from hypernetworks.nn import hyper_lstm
+    if path == "torch ops":
+        monkeypatch.setattr(hyper_lstm, "_step_kernels", lambda x: None)
+    elif hyper_lstm._step_kernels(torch.zeros(1)) is None:
+        pytest.skip("no compiled kernels here")
+
+
+@pytest.mark.parametrize("path", ["kernels", "torch ops"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("form", ["none", "short", "packed", "full"])
-def test_one_step_function_equals_eager_step(form, bias):
+def test_one_step_function_equals_eager_step(form, bias, path, monkeypatch):
     """The single-step Function gives the eager ops' outputs and gradients (every input, every
     parameter) to rounding, for every state form."""
+    _one_step_path(monkeypatch, path)
     cell = _cell(bias=bias)
     make_hx, leaves = _state_forms()[form]
     x = torch.randn(3, I, dtype=torch.double, requires_grad=True)
@@ -582,7 +593,9 @@ def test_one_step_function_equals_eager_step(form, bias):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_one_step_function_unbatched_and_gradcheck():
+@pytest.mark.parametrize("path", ["kernels", "torch ops"])
+def test_one_step_function_unbatched_and_gradcheck(path, monkeypatch):
+    _one_step_path(monkeypatch, path)
     cell = perturb_(HyperLSTMCell(3, 4, hyper_size=3, embedding_size=2)).double()
     x = torch.randn(3, dtype=torch.double)
     h, c = cell(x)
@@ -646,3 +659,14 @@ def test_default_hyper_size_is_never_larger_than_the_cell():
     # the paper's recipes state their sizes: the experiment factory and the models keep 128
     assert build_recurrent("hyperlstm", I, 1000).cells[0].hyper_size == 128
     assert build_recurrent("hyperlstm", I, 64).cells[0].hyper_size == 128
+
+
+@pytest.mark.parametrize("path", ["kernels", "torch ops"])
+def test_one_step_function_float32_matches_float64(path, monkeypatch):
+    _one_step_path(monkeypatch, path)
+    cell = _cell()
+    x, (h, c) = torch.randn(3, I, dtype=torch.double), _state()[:2]
+    want = cell(x, (h, c))
+    got = cell.float()(x.float(), (h.float(), c.float()))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w.float(), rtol=1e-4, atol=1e-5)

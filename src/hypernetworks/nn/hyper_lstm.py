@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hypernetworks.nn import _fused
+from hypernetworks.nn import _fused, _kernels
 from hypernetworks.nn._sequence import RecurrentLayers, run_cell
 from hypernetworks.nn.lstm import (DROP_IN_NOTES, GateLayerNorm, LSTM, LSTMCell, check_choice, check_eps,
                                    check_positive, check_probability, check_projection, init_input_weight_,
@@ -84,11 +84,14 @@ class WeightScaling(nn.Module):
 # A step loop written for nn.LSTMCell calls the cell once per time step, so what a step costs is
 # mostly per-op overhead: the eager ``step`` records ~50 autograd ops. ``_HyperStep`` is one
 # autograd Function for the whole step (main and hyper LSTM, no layer norm, no active recurrent
-# dropout): ~25 tensor ops forward and ~45 backward without autograd bookkeeping. Nothing is
-# cached between calls (a cache keyed on version counters would miss ``p.data`` writes). Results
-# equal the eager ``step`` to rounding (tests/test_hyper_lstm.py compares them, gradients
-# included); a backward that builds a graph (double backward) recomputes the step with the eager
-# ops and differentiates that.
+# dropout) without autograd bookkeeping inside: on CPU in float32/float64 its elementwise work
+# runs in the package's compiled step kernels (``_kernels``: the two LSTM updates and the scaled
+# pre-activations, forward and backward), around five matrix products each way; elsewhere (CUDA,
+# no compiler) in ~25 PyTorch ops forward and ~45 backward. Nothing is cached between calls (a
+# cache keyed on version counters would miss ``p.data`` writes). Results equal the eager
+# ``step`` to rounding (tests/test_hyper_lstm.py compares both paths, gradients included); a
+# backward that builds a graph (double backward) recomputes the step with the eager ops and
+# differentiates that.
 def _step_params(cell: "HyperLSTMCell") -> tuple:
     """The parameters ``_HyperStep`` reads, in its argument order (``scaling.bias`` may be None)."""
     hyper, sc = cell.hyper, cell.scaling
@@ -122,6 +125,97 @@ def _lstm_gates_backward(dh: torch.Tensor, dc: torch.Tensor, acts, tc, c, dim: i
     return dc * f
 
 
+def _step_kernels(x: torch.Tensor):
+    """The package's compiled CPU step kernels (``hypernetworks.nn._kernels``, the ABI this file
+    calls) for tensors like ``x``, or None: CUDA, other dtypes, no compiler, HYPERNETWORKS_KERNELS=0."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or _kernels.ABI_VERSION != 1:
+        return None
+    lib = _kernels.library()
+    if lib is None:
+        return None
+    sfx = "f32" if x.dtype == torch.float32 else "f64"
+    return tuple(getattr(lib, f"{name}_{sfx}") for name in ("cell_fwd", "cell_bwd", "hyper_pre_fwd", "hyper_pre_bwd"))
+
+
+def _kernel_cell_fwd(fn, pre: torch.Tensor, c_prev: torch.Tensor):
+    """One plain LSTM update by the compiled kernel, pre (B, 4S) contiguous: (activations (B, 4S),
+    c', h'). (In float64 the kernel's scalar libm exp/tanh are slower than PyTorch's vectorised
+    ones, but the step as a whole still measured faster with the kernel than with PyTorch's ops
+    for the gates, in the step loop of benchmarks/cell_loop_speed.py.)"""
+    B, S = c_prev.shape
+    act, c_new, h_new = pre.new_empty(B, 4 * S), pre.new_empty(B, S), pre.new_empty(B, S)
+    fn(B, S, pre.data_ptr(), pre.stride(0), None, 0, None, 0, None, None, None, None, 0.0, None, c_prev.data_ptr(),
+       act.data_ptr(), c_new.data_ptr(), h_new.data_ptr(), S, None, None, None, None, None)
+    return act, c_new, h_new
+
+
+def _kernel_cell_bwd(fn, dh: torch.Tensor, dc: torch.Tensor, act, c_prev, c_new):
+    """Backward of ``_kernel_cell_fwd``: (d pre (B, 4S), d c_prev)."""
+    B, S = c_prev.shape
+    dpre, dc_prev = act.new_empty(B, 4 * S), act.new_empty(B, S)
+    fn(B, S, dh.data_ptr(), None, dc.data_ptr(), act.data_ptr(), c_prev.data_ptr(), c_new.data_ptr(), None, None,
+       None, None, None, None, None, None, dpre.data_ptr(), 4 * S, dc_prev.data_ptr(), None, None, None, None)
+    return dpre, dc_prev
+
+
+def _step_forward_kernels(ctx, kernels, cell, x, h, c_in, hh_in, ch_in, params):
+    """``_HyperStep.forward`` with the compiled kernels: three products (the hyper LSTM's, W_h h,
+    W_x x) and z, then one kernel call each for the hyper LSTM update, the scaled pre-activations
+    and the main LSTM update."""
+    cell_fwd, _, pre_fwd, _ = kernels
+    H, Hh, Nz = cell.hidden_size, cell.hyper_size, cell.embedding_size
+    w_ih, w_hh, hw_ih, hw_hh, hb, zw, zb, dw, b0 = params
+    B = x.size(0)
+    if hh_in is None:
+        inp, w_inp = torch.cat([h, x], 1), hw_ih
+    else:
+        inp, w_inp = torch.cat([h, x, hh_in], 1), torch.cat([hw_ih, hw_hh], 1)
+    ch_prev = x.new_zeros(B, Hh) if ch_in is None else ch_in.contiguous()
+    hacts, ch_new, hh_new = _kernel_cell_fwd(cell_fwd, F.linear(inp, w_inp, hb), ch_prev)
+    z = F.linear(hh_new, zw)                         # (B, 3, 4, Nz): z_h, z_x, z_b
+    z[:, :8 * Nz] += zb
+    a, xw = F.linear(h, w_hh), F.linear(x, w_ih)     # W_h h, W_x x
+    wd = dw.transpose(-1, -2).contiguous()           # (3, 4, Nz, H)
+    bias = x.new_zeros(4 * H) if b0 is None else b0.contiguous()
+    pre = x.new_empty(B, 4 * H)
+    pre_fwd(B, H, Nz, a.data_ptr(), a.stride(0), xw.data_ptr(), z.data_ptr(), wd.data_ptr(), bias.data_ptr(),
+            pre.data_ptr())
+    c_prev = c_in.contiguous()
+    acts, c_new, h_new = _kernel_cell_fwd(cell_fwd, pre, c_prev)
+    ctx.inter = (inp, w_inp, a, xw, z, wd, hacts, ch_prev, ch_new, hh_new, acts, c_prev, c_new)
+    return h_new, torch.cat([c_new, hh_new, ch_new], 1)
+
+
+def _step_backward_kernels(ctx, kernels, x, h, hh, params, dh_new, dc_ext):
+    _, cell_bwd, _, pre_bwd = kernels
+    cell = ctx.cell
+    H, Hh, Nz = cell.hidden_size, cell.hyper_size, cell.embedding_size
+    inp, w_inp, a, xw, z, wd, hacts, ch_prev, ch_new, hh_new, acts, c_prev, c_new = ctx.inter
+    w_ih, w_hh, _, hw_hh, _, zw, _, dw, b0 = params
+    B, I = x.shape
+    dc, dhh, dch = dc_ext.split([H, Hh, Hh], 1)
+    dpre, dc_prev = _kernel_cell_bwd(cell_bwd, dh_new.contiguous(), dc.contiguous(), acts, c_prev, c_new)
+    d_a, d_xw, dz = x.new_empty(B, 4 * H), x.new_empty(B, 4 * H), x.new_empty(B, 12 * Nz)
+    g_wd = x.new_zeros(3, 4, Nz, H)
+    g_bias = None if b0 is None else x.new_zeros(4 * H)
+    pre_bwd(B, H, Nz, dpre.data_ptr(), a.data_ptr(), a.stride(0), xw.data_ptr(), z.data_ptr(), wd.data_ptr(),
+            d_a.data_ptr(), 4 * H, d_xw.data_ptr(), dz.data_ptr(), g_wd.data_ptr(),
+            None if g_bias is None else g_bias.data_ptr())
+    dhh = torch.addmm(dhh, dz, zw)
+    dhpre, dch_prev = _kernel_cell_bwd(cell_bwd, dhh, dch.contiguous(), hacts, ch_prev, ch_new)
+    d_inp = dhpre.mm(w_inp)
+    g_inp = dhpre.t().mm(inp)
+    need = ctx.needs_input_grad
+    dx = torch.addmm(d_inp[:, H:H + I], d_xw, w_ih) if need[1] else None
+    dh = torch.addmm(d_inp[:, :H], d_a, w_hh) if need[2] else None
+    dhh_prev = None if hh is None else d_inp[:, H + I:]
+    param_grads = (d_xw.t().mm(x), d_a.t().mm(h), g_inp[:, :H + I],
+                   torch.zeros_like(hw_hh) if hh is None else g_inp[:, H + I:],
+                   dhpre.sum(0), dz.t().mm(hh_new), dz[:, :8 * Nz].sum(0), g_wd.transpose(-1, -2).contiguous(),
+                   g_bias)
+    return dx, dh, dc_prev, dhh_prev, dch_prev, param_grads
+
+
 class _HyperStep(torch.autograd.Function):
     """One HyperLSTMCell step: (x, h, c, h_hat, c_hat) -> (h', cat([c', h_hat', c_hat'], -1)).
 
@@ -137,6 +231,11 @@ class _HyperStep(torch.autograd.Function):
             c_in, hh_in, ch_in = c[:, :H], c[:, H:H + Hh], c[:, H + Hh:]
         else:
             c_in, hh_in, ch_in = c, hh, ch
+        ctx.cell, ctx.form = cell, ("packed" if c_in is not c else "full" if hh is not None else "short")
+        ctx.kernels = _step_kernels(x)
+        ctx.save_for_backward(x, h, c, hh, ch, *params)
+        if ctx.kernels is not None:
+            return _step_forward_kernels(ctx, ctx.kernels, cell, x, h, c_in, hh_in, ch_in, params)
         w_ih, w_hh, hw_ih, hw_hh, hb, zw, zb, dw, b0 = params
         B = x.size(0)
         # the hyper LSTM reads [h; x] (and its own h_hat): one product
@@ -155,9 +254,7 @@ class _HyperStep(torch.autograd.Function):
         d_b = d[8:] if b0 is None else d[8:].add_(b0.view(4, 1, H))
         pre = torch.addcmul(d_b, d[:4], wh).addcmul_(d[4:8], wx)
         acts, tc, c_new, h_new = _lstm_gates_forward(pre, c_in, 0)
-        ctx.cell, ctx.form = cell, ("packed" if c_in is not c else "full" if hh is not None else "short")
         ctx.inter = (inp, w_inp, wh, wx, hacts, htc, hh_new, z12, d, acts, tc)
-        ctx.save_for_backward(x, h, c, hh, ch, *params)
         return h_new, torch.cat([c_new, hh_new, ch_new], 1)
 
     @staticmethod
@@ -169,6 +266,14 @@ class _HyperStep(torch.autograd.Function):
         H, Hh, Nz = cell.hidden_size, cell.hyper_size, cell.embedding_size
         if ctx.form == "packed":
             c, hh, ch = c[:, :H], c[:, H:H + Hh], c[:, H + Hh:]
+        if ctx.kernels is not None:
+            dx, dh, dc_prev, dhh_prev, dch_prev, param_grads = _step_backward_kernels(
+                ctx, ctx.kernels, x, h, hh, params, dh_new, dc_ext)
+            if ctx.form == "packed":
+                return (None, dx, dh, torch.cat([dc_prev, dhh_prev, dch_prev], 1), None, None, *param_grads)
+            if ctx.form == "full":
+                return (None, dx, dh, dc_prev, dhh_prev, dch_prev, *param_grads)
+            return (None, dx, dh, dc_prev, None, None, *param_grads)
         inp, w_inp, wh, wx, hacts, htc, hh_new, z12, d, acts, tc = ctx.inter
         w_ih, w_hh, _, hw_hh, _, zw, zb, dw, b0 = params
         B, I = x.shape
@@ -250,7 +355,8 @@ class HyperLSTMCell(nn.Module):
     ``hyper_size`` None (the default) is ``default_hyper_size(hidden_size)``: hidden_size // 4,
     at least 1 and at most the paper's 128, so never larger than the main cell. A single step
     (``forward``) without layer norm or active recurrent dropout runs as one autograd Function
-    (``_HyperStep``), for step loops; other settings run the per-step reference ops.
+    (``_HyperStep``, with the compiled step kernels on CPU), for step loops; other settings run
+    the per-step reference ops.
 
     Options:
     * ``layer_norm`` normalises every gate pre-activation and the cell (main and hyper LSTM);

@@ -142,6 +142,39 @@ def time_models(names, size, device, repeats: int, clock: str = "wall", packed: 
     return {n: statistics.median(v) for n, v in times.items()}
 
 
+def compare_autocast(names, size, device, repeats: int, clock: str, dtype) -> None:
+    """Each model in float32 and under autocast, the two interleaved within each round."""
+    x = make_input(size, device, False)
+    torch.manual_seed(0)
+    models = {n: build(n, size).to(device) for n in names}
+    modes = {"float32": None, str(dtype).replace("torch.", ""): dtype}
+    times = {(n, k): [] for n in names for k in modes}
+    now = CLOCKS[clock]
+    for r in range(repeats + 1):  # round 0 warms up
+        for n, m in models.items():
+            for k, d in modes.items():
+                AUTOCAST["dtype"] = d
+                sync(device)
+                t0 = now()
+                step(m, x)
+                sync(device)
+                if r:
+                    times[(n, k)].append(now() - t0)
+    AUTOCAST["dtype"] = None
+    med = {key: statistics.median(v) for key, v in times.items()}
+    low = list(modes)[1]
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    load = f"; load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    print(f"fwd+bwd, {', '.join(f'{k}={v}' for k, v in size.items())}; {where}; torch {torch.__version__}; "
+          f"median of {repeats} interleaved rounds; {clock} clock{load}\n")
+    print(f"| model | float32 (s) | ratio | {low} autocast (s) | ratio | {low} / float32 |")
+    print("|---|---:|---:|---:|---:|---:|")
+    b32, blow = med[(names[0], "float32")], med[(names[0], low)]
+    for n in names:
+        t32, tlow = med[(n, "float32")], med[(n, low)]
+        print(f"| {n} | {t32:.3f} | {t32 / b32:.2f}x | {tlow:.3f} | {tlow / blow:.2f}x | {tlow / t32:.2f} |")
+
+
 def _status_bytes(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -250,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                         "waits for a core on a loaded machine (meaningful with --threads 1)")
     p.add_argument("--autocast", choices=("bf16", "fp16"), default=None,
                    help="run each forward under torch.autocast in this dtype (mixed precision; backward outside)")
+    p.add_argument("--compare-autocast", action="store_true",
+                   help="with --autocast: each model in float32 and under autocast, interleaved; one table; then exit")
     p.add_argument("--labml-path", default="/tmp/labml", help="where labml-nn was pip-installed with --target")
     p.add_argument("--profile", default=None, choices=MODELS, metavar="MODEL",
                    help="print torch.profiler's table (self CPU time) of one forward+backward of MODEL and exit")
@@ -286,6 +321,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.breakdown:
         breakdown(list(args.models or ("torch.nn.LSTM", "HyperLSTM", "LN HyperLSTM")), size, device,
                   args.repeats or 5)
+        return 0
+
+    if args.compare_autocast:
+        if AUTOCAST["dtype"] is None:
+            raise SystemExit("--compare-autocast needs --autocast bf16 or fp16")
+        names = list(args.models or ("torch.nn.LSTM", "LN LSTM", "HyperLSTM", "LN HyperLSTM"))
+        dtype, AUTOCAST["dtype"] = AUTOCAST["dtype"], None
+        compare_autocast(names, size, device, args.repeats or (3 if args.quick else 5), args.clock, dtype)
         return 0
 
     if args.memory_of:

@@ -15,6 +15,9 @@ embeddings z, the hidden-side products), and do backpropagation through time by 
 On CPU in float32 the per-step products go through oneDNN (``mkldnn::_linear_pointwise``),
 which on this class of machine is ~2x faster than the BLAS ``mm`` at batch-sized M, and is
 what ``torch.nn.LSTM``'s own CPU kernel uses; elsewhere (float64, CUDA) they use ``torch.mm``.
+Under torch.autocast the products run in the low precision and everything else in float32
+(see "mixed precision" below; bf16 products on CPU go through oneDNN too where the CPU has native
+bf16). torch.compile sees each layer's run as one opaque call (``_sequence._compiler_opaque``).
 
 The per-step elementwise work (nonlinearities, d-scaling, layer norms, cell update, dropout
 masks) runs on CPU in the compiled kernels of ``hypernetworks/nn/_kernels`` (three calls per step

@@ -2,6 +2,7 @@
 
     python benchmarks/cell_loop_speed.py               # the time-series example's size (below)
     python benchmarks/cell_loop_speed.py --quick       # smoke run
+    python benchmarks/cell_loop_speed.py --dtype float32 --clock cpu   # float32; process CPU time (loaded machine)
     python benchmarks/cell_loop_speed.py --sequence    # also the sequence layers at the demo's size
 
 The loop is that of PyTorch's public time-series example (``time_sequence_prediction``): two
@@ -39,7 +40,7 @@ LOOP = dict(input_size=1, hidden_size=51, hyper_size=16, embedding_size=4, steps
 LOOP_QUICK = dict(LOOP, steps=20)
 SEQUENCE = dict(input_size=50, hidden_size=128, hyper_size=32, embedding_size=4, seq_len=64, batch=32)
 SEQUENCE_QUICK = dict(SEQUENCE, seq_len=8)
-CELLS = ("torch.nn.LSTMCell", "HyperLSTMCell", "LSTMCell")
+CELLS = ("torch.nn.LSTMCell", "HyperLSTMCell", "LSTMCell", "HyperLSTMCell (eager)")
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
@@ -51,9 +52,11 @@ class StackedCells(nn.Module):
         I, H = size["input_size"], size["hidden_size"]
         if kind == "torch.nn.LSTMCell":
             make = nn.LSTMCell
-        elif kind == "HyperLSTMCell":
+        elif kind in ("HyperLSTMCell", "HyperLSTMCell (eager)"):
             def make(i, h):
-                return HyperLSTMCell(i, h, hyper_size=size["hyper_size"], embedding_size=size["embedding_size"])
+                cell = HyperLSTMCell(i, h, hyper_size=size["hyper_size"], embedding_size=size["embedding_size"])
+                cell.fused = kind == "HyperLSTMCell"  # (eager): the per-step reference ops, for comparison
+                return cell
         elif kind == "LSTMCell":
             make = LSTMCell
         else:
@@ -86,10 +89,10 @@ def _rounds(fns: dict, repeats: int, clock: str) -> dict[str, float]:
     return {n: statistics.median(v) for n, v in times.items()}
 
 
-def time_loop(kinds, size: dict, repeats: int, clock: str) -> dict[str, float]:
+def time_loop(kinds, size: dict, repeats: int, clock: str, dtype=torch.float64) -> dict[str, float]:
     torch.manual_seed(0)
-    x = torch.randn(size["batch"], size["steps"], size["input_size"], dtype=torch.float64)
-    models = {k: StackedCells(k, size).double() for k in kinds}
+    x = torch.randn(size["batch"], size["steps"], size["input_size"], dtype=dtype)
+    models = {k: StackedCells(k, size).to(dtype) for k in kinds}
 
     def run(m):
         def fn():
@@ -133,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                         "machine; meaningful with one thread)")
     p.add_argument("--cells", nargs="+", default=list(CELLS[:2]), choices=CELLS, metavar="CELL",
                    help=f"cells to time in the loop (torch.nn.LSTMCell is always included): {', '.join(CELLS)}")
+    p.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+                   help="the loop's dtype (default float64, as the time-series example)")
     p.add_argument("--steps", type=int, default=None, help="time steps of the loop (default 300, quick 20)")
     p.add_argument("--sequence", action="store_true", help="also time HyperLSTM vs torch.nn.LSTM at the demo's size")
     args = p.parse_args(argv)
@@ -146,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     head = (f"{torch.get_num_threads()} thread(s); torch {torch.__version__}; median of {repeats} interleaved "
             f"rounds; {args.clock} clock{load}")
     desc = ", ".join(f"{k}={v}" for k, v in size.items())
-    _table(f"Step loop of two stacked cells, float64, fwd+bwd, {desc}; {head}",
-           time_loop(kinds, size, repeats, args.clock), "torch.nn.LSTMCell")
+    _table(f"Step loop of two stacked cells, {args.dtype}, fwd+bwd, {desc}; {head}",
+           time_loop(kinds, size, repeats, args.clock, getattr(torch, args.dtype)), "torch.nn.LSTMCell")
     if args.sequence:
         size = SEQUENCE_QUICK if args.quick else SEQUENCE
         desc = ", ".join(f"{k}={v}" for k, v in size.items())

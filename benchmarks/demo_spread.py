@@ -10,6 +10,11 @@ code paths, which is what a different CPU or setup would do, and prints the figu
 
     OMP_NUM_THREADS=1 python benchmarks/demo_spread.py                 # the full demo, ~2 min per variant idle
     OMP_NUM_THREADS=1 python benchmarks/demo_spread.py --steps 200     # quicker
+    OMP_NUM_THREADS=1 python benchmarks/demo_spread.py --variants "this machine" "this machine, again" --record
+
+``--record`` writes ``results/tables/demo.json`` (the demo's table from the first variant, with its
+training times) and ``results/tables/demo-spread.json`` (every variant's figures and wall time);
+``benchmarks/report.py`` rebuilds the pages' demo tables from them.
 """
 from __future__ import annotations
 
@@ -45,8 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=1000, help="demo steps per model (default: the demo's 1000)")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), help="names from VARIANTS (default: all)")
+    p.add_argument("--record", action="store_true",
+                   help="write results/tables/demo.json and demo-spread.json (records for the pages' tables)")
     args = p.parse_args(argv)
-    rows = []
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from records import conditions, write_record
+
+    started = conditions(torch_threads=1)
+    rows, first = [], None
     with tempfile.TemporaryDirectory() as tmp:
         for i, name in enumerate(args.variants):
             env = {**os.environ, "OMP_NUM_THREADS": "1", **VARIANTS[name]}
@@ -55,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run([sys.executable, "-m", "hypernetworks.cli", "demo", "--steps", str(args.steps),
                             "--run-dir", str(run_dir), "--no-progress"], env=env, check=True,
                            stdout=subprocess.DEVNULL)
-            res = {r["cell"]: r["val_bpc"] for r in json.loads((run_dir / "results.json").read_text())}
+            results = json.loads((run_dir / "results.json").read_text())
+            first = first or results
+            res = {r["cell"]: r["val_bpc"] for r in results}
             if code_fingerprint() != code:
                 code += " (source changed during the run)"
             rows.append((name, res["hyperlstm"], res["lstm"], time.perf_counter() - t0, code))
@@ -67,6 +80,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {h:.6f} | {l:.6f} | {s:.0f} | {code} |")
     hs, ls = [r[1] for r in rows], [r[2] for r in rows]
     print(f"| spread (max - min) | {max(hs) - min(hs):.6f} | {max(ls) - min(ls):.6f} | | |")
+    if args.record:
+        out = Path(__file__).resolve().parents[1] / "results" / "tables"
+        label = {"hyperlstm": "HyperLSTM 128 (hyper 32, N_z 4)", "lstm": "LSTM 128"}
+        write_record(out / "demo.json", name="demo", title=f"hypernetworks demo, {args.steps} steps, seed 0",
+                     columns=["model", "params", "valid bpc", "train time"],
+                     rows=[[label.get(r["cell"], r["cell"]), f"{r['params']:,}", f"{r['val_bpc']:.3f}",
+                            f"{r['seconds']:.0f} s"] for r in first],
+                     values={"results": first, "variant": args.variants[0]}, started=started)
+        write_record(out / "demo-spread.json", name="demo-spread",
+                     title=f"hypernetworks demo ({args.steps} steps) under the code paths of other machines",
+                     columns=["variant", "HyperLSTM valid bpc", "LSTM valid bpc", "wall (s)", "source"],
+                     rows=[[n, f"{h:.6f}", f"{l:.6f}", f"{w:.0f}", c] for n, h, l, w, c in rows] +
+                          [["spread (max - min)", f"{max(hs) - min(hs):.6f}", f"{max(ls) - min(ls):.6f}", "", ""]],
+                     values={"variants": [dict(zip(("variant", "hyperlstm", "lstm", "wall_s", "source"), r))
+                                          for r in rows]}, started=started)
+        print(f"wrote {out / 'demo.json'} and {out / 'demo-spread.json'}", file=sys.stderr)
     return 0
 
 

@@ -471,3 +471,59 @@ def test_cuda_graphed_falls_back_to_the_layer_off_cuda(kind):
         torch.testing.assert_close(xg.grad, want[2][0], rtol=0, atol=0)
     packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([T, T - 1]), enforce_sorted=False)
     assert "PackedSequence" in m.cuda_graphed(packed).why_not
+
+
+def test_cuda_graphed_wrapper_logic_with_a_stand_in_capture(monkeypatch):
+    """The wrapper's own logic, which on a GPU wraps torch.cuda.make_graphed_callables, run on CPU with a
+    stand-in capture (the tensors-in, tensors-out callable it would capture, called directly): replays
+    only calls that match the capture, returns the state in the form it was given, and falls back to the
+    layer for anything else."""
+    from hypernetworks.nn import HyperRNN
+    from hypernetworks.nn._sequence import CUDAGraphed
+
+    captured = []
+
+    def stand_in(flat, sample_args, num_warmup_iters=3, allow_unused_input=False):
+        assert all(isinstance(a, torch.Tensor) for a in sample_args)  # what the real one requires
+        captured.append(len(sample_args))
+        flat(*sample_args)
+        return flat
+
+    monkeypatch.setattr(CUDAGraphed, "_capture_devices", ("cuda", "cpu"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", stand_in)
+    torch.manual_seed(6)
+    x = torch.randn(T, B, I, dtype=torch.double)
+    rnn = HyperRNN(I, H, hyper_size=HH, embedding_size=NZ).double()
+    m = make("hyper", layer_norm=True)
+    cases = [
+        (m, None),                                                               # no state: the full tuple back
+        (m, tuple(torch.randn(1, B, n, dtype=torch.double) for n in m.cells[0].state_sizes)),  # the 4-tuple
+        (m, (torch.randn(1, B, H, dtype=torch.double), torch.randn(1, B, H, dtype=torch.double))),  # nn.LSTM's pair
+        (rnn, torch.randn(1, B, H, dtype=torch.double)),                         # nn.RNN's single tensor
+    ]
+    for layer, hx in cases:
+        g = layer.cuda_graphed(x, hx)
+        assert g.graphed and g.why_not is None
+        calls = []
+        orig = g._flat.forward
+        monkeypatch.setattr(g._flat, "forward", lambda *a: calls.append(1) or orig(*a))
+        out, state = g(x, hx)
+        want_out, want_state = layer(x, hx)
+        assert calls == [1]  # replayed
+        torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+        assert type(state) is type(want_state)
+        for s, t in zip(state if isinstance(state, tuple) else (state,),
+                        want_state if isinstance(want_state, tuple) else (want_state,), strict=True):
+            torch.testing.assert_close(s, t, rtol=0, atol=0)
+        # anything else than the capture runs the layer itself
+        g(x[:-1], hx)                                       # another length
+        g(x.requires_grad_(True), hx)                       # another requires_grad
+        x = x.detach()
+        g(x, None if hx is not None else tuple(torch.zeros(1, B, n, dtype=torch.double)
+                                               for n in layer.cells[0].state_sizes))  # hx given or not
+        layer.eval()
+        g(x, hx)                                            # another mode
+        layer.train()
+        assert calls == [1]
+    assert captured == [1, 5, 3, 2]

@@ -363,6 +363,8 @@ class CUDAGraphed(nn.Module):
     (PyTorch's graph-safe random generator).
     """
 
+    _capture_devices = ("cuda",)  # tests widen this to run the wrapper's logic with a stand-in capture on CPU
+
     def __init__(self, module: nn.Module, sample_input, hx=None, num_warmup_iters: int = 3):
         super().__init__()
         self.module = module
@@ -372,7 +374,7 @@ class CUDAGraphed(nn.Module):
         self._key = None
         if isinstance(sample_input, PackedSequence):
             self.why_not = "PackedSequence input (its lengths are read on the host each call): runs the layer itself"
-        elif not isinstance(sample_input, torch.Tensor) or sample_input.device.type != "cuda":
+        elif not isinstance(sample_input, torch.Tensor) or sample_input.device.type not in self._capture_devices:
             where = sample_input.device if isinstance(sample_input, torch.Tensor) else type(sample_input).__name__
             self.why_not = f"the sample input is not a CUDA tensor ({where}): runs the layer itself"
         elif not torch.cuda.is_available():
@@ -392,11 +394,16 @@ class CUDAGraphed(nn.Module):
         return [hx] if isinstance(hx, torch.Tensor) else list(hx)
 
     def _call_key(self, input, hx):
+        """What a call must share with the capture for the graphs to replay it."""
         state = self._state_list(hx)
-        dev = input.device.type if isinstance(input, torch.Tensor) else None
-        amp = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)) if dev == "cuda" else None
-        return (tuple(input.shape), input.dtype, input.device, input.requires_grad, hx is None or isinstance(hx, torch.Tensor),
-                tuple((tuple(s.shape), s.dtype, s.requires_grad) for s in state), self.module.training, amp)
+        dev = input.device.type
+        try:
+            amp = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        except (TypeError, RuntimeError):
+            amp = None
+        form = "none" if hx is None else "tensor" if isinstance(hx, torch.Tensor) else f"tuple{len(state)}"
+        return (tuple(input.shape), input.dtype, input.device, input.requires_grad, form,
+                tuple((tuple(s.shape), s.dtype, s.device, s.requires_grad) for s in state), self.module.training, amp)
 
     def _capture(self, x, hx, warmup: int) -> None:
         layer, state = self.module, self._state_list(hx)

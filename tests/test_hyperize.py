@@ -475,3 +475,18 @@ def test_the_forward_reads_plain_weights():
     assert type(model.main[3].weight) is _GeneratedWeight
     y = model.main[3](torch.randn(2, 64, 4, 4))  # a layer called on its own still works
     assert type(y) is torch.Tensor and y.shape == (2, 32, 8, 8)
+
+
+def test_a_generated_weight_prints_saves_and_copies_as_a_plain_tensor():
+    layer = hyperize(DCGANGenerator()).main[3]
+    w = layer.weight.detach()
+    assert repr(w).startswith("tensor(")
+    buf = io.BytesIO()
+    torch.save({"w": w}, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)["w"]
+    assert type(loaded) is torch.Tensor and torch.equal(loaded, w.as_subclass(torch.Tensor))
+    assert type(copy.deepcopy(w)) is torch.Tensor
+    with torch.device("meta"):  # shapes only: an init has nothing to act on, as on any meta tensor
+        meta = hyperize(DCGANGenerator())
+    nn.init.normal_(meta.main[3].weight, 0.0, 0.02)

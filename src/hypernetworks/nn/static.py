@@ -240,6 +240,8 @@ class _InitRecord:
         t = self.tiled
         if not math.isfinite(std) or std < 0:
             self.refuse(f"an initialisation with standard deviation {std}")
+        if t.z.is_meta:  # shapes only: nothing to initialise (as nn.init on a meta tensor)
+            return
         with torch.no_grad(), torch._C.DisableTorchFunctionSubclass():
             if self.z_before is None:
                 self.z_before = t.z.detach().clone()
@@ -282,6 +284,16 @@ class _GeneratedWeight(Tensor):
         w = t.as_subclass(_GeneratedWeight)
         w._hyper_record = record
         return w
+
+    # Printed, pickled (torch.save) and deep-copied as the plain tensor it is.
+    def __repr__(self, *, tensor_contents=None) -> str:
+        return repr(_plain(self))
+
+    def __reduce_ex__(self, protocol):
+        return _plain(self).__reduce_ex__(protocol)
+
+    def __deepcopy__(self, memo):
+        return copy.deepcopy(_plain(self), memo)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):

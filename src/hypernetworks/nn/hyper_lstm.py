@@ -194,7 +194,7 @@ def _step_backward_kernels(ctx, kernels, x, h, hh, params, dh_new, dc_ext):
     cell = ctx.cell
     H, Hh, Nz = cell.hidden_size, cell.hyper_size, cell.embedding_size
     inp, w_inp, a, xw, z, wd, hacts, ch_prev, ch_new, hh_new, acts, c_prev, c_new = ctx.inter
-    w_ih, w_hh, _, hw_hh, _, zw, _, dw, b0 = params
+    w_ih, w_hh, _, hw_hh, _, zw, _, _, b0 = params
     B, I = x.shape
     dc, dhh, dch = dc_ext.split([H, Hh, Hh], 1)
     dpre, dc_prev = _kernel_cell_bwd(cell_bwd, dh_new.contiguous(), dc.contiguous(), acts, c_prev, c_new)
@@ -278,7 +278,7 @@ class _HyperStep(torch.autograd.Function):
                 return (None, dx, dh, dc_prev, dhh_prev, dch_prev, *param_grads)
             return (None, dx, dh, dc_prev, None, None, *param_grads)
         inp, w_inp, wh, wx, hacts, htc, hh_new, z12, d, acts, tc = ctx.inter
-        w_ih, w_hh, _, hw_hh, _, zw, zb, dw, b0 = params
+        w_ih, w_hh, _, hw_hh, _, zw, _, dw, b0 = params
         B, I = x.shape
         dc, dhh, dch = dc_ext.split([H, Hh, Hh], 1)
         dd = x.new_empty(12, B, H)                                  # d of d_h, d_x, b(z)

@@ -21,10 +21,11 @@ bf16). torch.compile sees each layer's run as one opaque call (``_sequence._comp
 
 The per-step elementwise work (nonlinearities, d-scaling, layer norms, cell update, dropout
 masks) runs on CPU in the compiled kernels of ``hypernetworks/nn/_kernels`` (three calls per step
-each way); on CUDA, or when no compiler is available (one warning), the same Functions do it with
-PyTorch ops. PackedSequence batches run with per-step active batch sizes (``packed_forward``;
-the PyTorch-op path runs all rows and makes the finished ones inert); single steps with autograd
-off run here too, with cached prepared weights.
+each way), on CUDA in float32 in their Triton counterparts (``_triton_kernels``, when triton
+imports; ``HYPERNETWORKS_TRITON=0`` switches them off); elsewhere (no compiler: one warning; no
+triton; CUDA in other dtypes) the same Functions do it with PyTorch ops. PackedSequence batches run
+with per-step active batch sizes (``packed_forward``; the PyTorch-op path runs all rows and makes
+the finished ones inert); single steps with autograd off run here too, with cached prepared weights.
 
 The plain LSTM without layer norm or recurrent dropout simply calls torch's fused LSTM kernel
 (``torch._VF.lstm``, i.e. oneDNN on CPU and cuDNN on GPU) with the gates permuted from this
@@ -40,6 +41,7 @@ Activity recording always uses ``step``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import threading
 import weakref
@@ -396,10 +398,28 @@ def _prepared(cell, name: str, params, build):
 
 
 # -- the compiled step kernels (hypernetworks/nn/_kernels) ------------------------------------
+# Tests only: take the Triton kernels for CPU float32 tensors too (with TRITON_INTERPRET=1 set
+# before hypernetworks.nn._triton_kernels is imported, Triton runs them in its interpreter).
+_TRITON_ON_CPU = False
+
+
+def _triton_kernels():
+    """The Triton step kernels' class (``_triton_kernels.TritonKernels``), or None when triton does
+    not import or ``HYPERNETWORKS_TRITON=0``. Imported on first use: CPU-only runs never import triton."""
+    from hypernetworks.nn import _triton_kernels as tk
+    return tk.TritonKernels if tk.available() else None
+
+
 def _kernels_for(like: torch.Tensor):
-    """The compiled CPU kernels for tensors like ``like``, or None (CUDA, other dtypes, no compiler):
-    the callers then run the same step with PyTorch ops."""
-    if like.device.type != "cpu" or like.dtype not in (torch.float32, torch.float64):
+    """The step kernels for tensors like ``like``: on CUDA in float32 the Triton kernels (when triton
+    imports), on CPU the compiled C++ kernels; None (other dtypes, no triton, no compiler): the
+    callers then run the same step with PyTorch ops. Hand the result to ``_step_kernels``."""
+    dev = like.device.type
+    if like.dtype == torch.float32 and (dev == "cuda" or (_TRITON_ON_CPU and dev == "cpu")):
+        tk = _triton_kernels()
+        if tk is not None or dev == "cuda":
+            return tk
+    if dev != "cpu" or like.dtype not in (torch.float32, torch.float64):
         return None
     return _kernels.library()
 
@@ -416,8 +436,17 @@ class _Kernels:
         sfx = "f32" if like.dtype == torch.float32 else "f64"
         self._fwd = getattr(lib, f"cell_fwd_{sfx}")
         self._bwd = getattr(lib, f"cell_bwd_{sfx}")
-        self.hyper_fwd = getattr(lib, f"hyper_pre_fwd_{sfx}")
-        self.hyper_bwd = getattr(lib, f"hyper_pre_bwd_{sfx}")
+        self._hfwd = getattr(lib, f"hyper_pre_fwd_{sfx}")
+        self._hbwd = getattr(lib, f"hyper_pre_bwd_{sfx}")
+
+    def hyper_fwd(self, B, H, Nz, a, xw, z, wd, bias, pre):
+        """HyperLSTM pre-activations of the first B rows (see hyper_pre_fwd in lstm_kernels.cpp)."""
+        self._hfwd(B, H, Nz, _p(a), a.stride(0), _p(xw), _p(z), _p(wd), _p(bias), _p(pre))
+
+    def hyper_bwd(self, B, H, Nz, dpre, a, xw, z, wd, d_a, d_xw, dz, g_wd, g_bias):
+        """Backward of ``hyper_fwd`` (hyper_pre_bwd in lstm_kernels.cpp)."""
+        self._hbwd(B, H, Nz, _p(dpre), _p(a), a.stride(0), _p(xw), _p(z), _p(wd), _p(d_a), d_a.stride(0),
+                   _p(d_xw), _p(dz), _p(g_wd), _p(g_bias))
 
     def cell_fwd(self, t, B, pre, add1, add2, sv: _Saved, norms, eps, mask, h_out):
         """Step t on the first B rows (the active ones of a packed batch)."""
@@ -443,6 +472,12 @@ class _Kernels:
                   _p(grads.get("gw")), _p(grads.get("gb")), _p(grads.get("cw")), _p(grads.get("cb")))
 
 
+def _step_kernels(lib, like: torch.Tensor):
+    """The per-step kernel object for ``lib`` from ``_kernels_for``: ``_Kernels`` over the compiled
+    library, or a ``TritonKernels`` (same methods, on tensors)."""
+    return _Kernels(lib, like) if isinstance(lib, ctypes.CDLL) else lib(like)
+
+
 def _last_steps(batch_sizes, T: int, B: int, device) -> torch.Tensor:
     """Index of each row's last step: T - 1, or per row of a packed batch (sorted by length)."""
     if batch_sizes is None:
@@ -464,7 +499,7 @@ def _hyper_forward_kernels(lib, xw, xw_hat, h0, w_cat, w_hat_hh, z_weight, z_bia
     """The forward loop of _HyperLSTMFunction with the per-step elementwise work in the kernels:
     per step three matrix products (torch) and three kernel calls, on the first ``batch_sizes[t]``
     rows (all B when None): a packed batch sorted by decreasing length, as cuDNN runs it."""
-    k = _Kernels(lib, xw)
+    k = _step_kernels(lib, xw)
     T, B = xw.shape[:2]
     H, Nz = h0.size(-1), d_weight.size(-1)
     norms, hnorms = _contiguous(norms), _contiguous(hnorms)
@@ -482,7 +517,7 @@ def _hyper_forward_kernels(lib, xw, xw_hat, h0, w_cat, w_hat_hh, z_weight, z_bia
         _mm(hh_all[t, :bt], w_hat_hh.t(), out=hpre[:bt])
         k.cell_fwd(t, bt, hpre, a[:, 4 * H:], xw_hat[t], hyp, hnorms, hyper_eps, hmask, hh_all[t + 1])
         _addmm(zb, hh_all[t + 1, :bt], z_weight.t(), out=z_all[t, :bt])
-        k.hyper_fwd(bt, H, Nz, _p(a), a.stride(0), _p(xw[t]), _p(z_all[t]), _p(wd_t), _p(bias), _p(pre))
+        k.hyper_fwd(bt, H, Nz, a, xw[t], z_all[t], wd_t, bias, pre)
         k.cell_fwd(t, bt, pre, None, None, main, norms, eps, mask, out[t])
         h = out[t]
 
@@ -493,7 +528,7 @@ def _hyper_backward_kernels(lib, d_out, d_cT, d_hhT, d_chT, xw, h0, out, hh_all,
     """The backward loop of _HyperLSTMFunction with the per-step elementwise work in the kernels.
     Rows past ``batch_sizes[t]`` are untouched at step t, so the gradients of the final states
     enter each sequence's buffers at its own last step."""
-    k = _Kernels(lib, xw)
+    k = _step_kernels(lib, xw)
     T, B = xw.shape[:2]
     H, Hh, Nz = h0.size(-1), hh_all.size(-1), d_weight.size(-1)
     norms, hnorms = _contiguous(norms), _contiguous(hnorms)
@@ -515,8 +550,7 @@ def _hyper_backward_kernels(lib, d_out, d_cT, d_hhT, d_chT, xw, h0, out, hh_all,
     for t in range(T - 1, -1, -1):
         bt = B if batch_sizes is None else batch_sizes[t]
         k.cell_bwd(t, bt, dh, None if d_out is None else d_out[t], dc, main, norms, mask, dpre, grads)
-        k.hyper_bwd(bt, H, Nz, _p(dpre), _p(a_list[t]), a_list[t].stride(0), _p(xw[t]), _p(z_all[t]), _p(wd_t),
-                    _p(d_a[t]), d_a.stride(1), _p(d_xw[t]), _p(d_z[t]), _p(g_wd), _p(g_bias))
+        k.hyper_bwd(bt, H, Nz, dpre, a_list[t], xw[t], z_all[t], wd_t, d_a[t], d_xw[t], d_z[t], g_wd, g_bias)
         _addmm_(dhh[:bt], d_z[t, :bt], z_weight)
         dhpre = d_a[t, :, 4 * H:]
         k.cell_bwd(t, bt, dhh, None, dch, hyp, hnorms, hmask, dhpre, hgrads)
@@ -772,7 +806,7 @@ class _LSTMFunction(torch.autograd.Function):
         h = h0
         w_step = _step_weight(w_hh, B, T)
         if lib is not None:
-            k = _Kernels(lib, xw)
+            k = _step_kernels(lib, xw)
             for t in range(T):
                 bt = B if batch_sizes is None else batch_sizes[t]
                 pre = _linear(h[:bt], w_step)
@@ -799,7 +833,7 @@ class _LSTMFunction(torch.autograd.Function):
         dc = d_cT if d_cT is not None else out.new_zeros(B, H)
         w_t = _step_weight(w_hh.t(), B, T)
         if ctx.lib is not None:
-            k = _Kernels(ctx.lib, out)
+            k = _step_kernels(ctx.lib, out)
             dc = dc.clone(memory_format=torch.contiguous_format)  # updated in place
             d_out = d_out.contiguous() if d_out is not None else None
             for t in range(T - 1, -1, -1):

@@ -526,6 +526,9 @@ class TritonKernels:
         if like.dtype != torch.float32:
             raise TypeError(f"the Triton step kernels are float32 only, got {like.dtype}")
         self._part: dict = {}
+        # Multiply-adds contract to FMAs, as in the C++ kernels (gcc's default); stated, not defaulted
+        # (the default changes in triton 3.10).
+        self._launch = dict(num_warps=self.num_warps, enable_fp_fusion=True)
 
     def _block(self, S: int) -> int:
         return max(16, min(_next_pow2(S), self.max_block))
@@ -547,7 +550,7 @@ class TritonKernels:
             sv.gx[t] if ln else dummy, sv.grstd[t] if ln else dummy, sv.cmean[t] if ln else dummy,
             sv.crstd[t] if ln else dummy, sv.tc[t] if ln else dummy, S,
             ADD1=add1 is not None, ADD2=add2 is not None, LNG=gw is not None, LNC=cw is not None,
-            MASK=mask is not None, BLOCK=self._block(S), num_warps=self.num_warps)
+            MASK=mask is not None, BLOCK=self._block(S), **self._launch)
 
     def _scratch(self, rows: int, S: int, like: torch.Tensor) -> torch.Tensor:
         buf = self._part.get(S)
@@ -574,14 +577,14 @@ class TritonKernels:
             sv.cmean[t] if ln else dummy, sv.crstd[t] if ln else dummy, dpre_out, _rows(dpre_out), dc,
             part, part.stride(0), S,
             ADD=dh_add is not None, LNG=lng, LNC=lnc, MASK=mask is not None, BLOCK=block,
-            num_warps=self.num_warps)
+            **self._launch)
         if lng or lnc:
             rb = self._block(4 * S if lng else S)
             grid = (triton.cdiv(4 * S if lng else S, rb),)
             _ln_grad_kernel[grid](
                 part, part.stride(0), B, S, grads["gw"] if lng else dummy, grads["gb"] if lng else dummy,
                 grads["cw"] if lnc else dummy, grads["cb"] if lnc else dummy, LNG=lng, LNC=lnc, BLOCK=rb,
-                num_warps=self.num_warps)
+                **self._launch)
 
     def hyper_fwd(self, B, H, Nz, a, xw, z, wd, bias, pre):
         """pre[:B] = d_b(z) + bias + a[:B, :4H] * d_h(z) + xw[:B] * d_x(z); ``wd`` (3, 4, Nz, H)
@@ -591,7 +594,7 @@ class TritonKernels:
         blk = max(16, min(_next_pow2(H), self.hyper_block))
         _hyper_fwd_kernel[(B, 4, triton.cdiv(H, blk))](
             a, _rows(a), xw, _rows(xw), z, _rows(z), wd, bias, pre, _rows(pre), H, Nz, BLOCK=blk,
-            num_warps=self.num_warps)
+            **self._launch)
 
     def hyper_bwd(self, B, H, Nz, dpre, a, xw, z, wd, d_a, d_xw, dz, g_wd, g_bias):
         """Backward of ``hyper_fwd`` on the first B rows: writes d_a[:B, :4H], d_xw[:B], dz[:B];
@@ -601,8 +604,8 @@ class TritonKernels:
         blk = max(16, min(_next_pow2(H), self.hyper_block))
         _hyper_bwd_rows_kernel[(B, 4)](
             dpre, _rows(dpre), a, _rows(a), xw, _rows(xw), z, _rows(z), wd, d_a, _rows(d_a), d_xw, _rows(d_xw),
-            dz, _rows(dz), H, Nz, BLOCK=blk, num_warps=self.num_warps)
+            dz, _rows(dz), H, Nz, BLOCK=blk, **self._launch)
         _hyper_bwd_weights_kernel[(4, triton.cdiv(H, blk))](
             dpre, _rows(dpre), a, _rows(a), xw, _rows(xw), z, _rows(z), g_wd,
             dpre if g_bias is None else g_bias, B, H, Nz, HAS_BIAS=g_bias is not None, BLOCK=blk,
-            ROWS=min(16, max(2, _next_pow2(B))), num_warps=self.num_warps)
+            ROWS=min(16, max(2, _next_pow2(B))), **self._launch)

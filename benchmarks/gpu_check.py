@@ -36,6 +36,7 @@ recorded as skipped elsewhere. Exit status 1 when a correctness check or a part 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -86,6 +87,13 @@ def machine(device: torch.device) -> dict:
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "lightning": lightning.__version__, "cuda_runtime": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
+    try:
+        from importlib.metadata import version
+
+        info["triton"] = version("triton")
+    except Exception:  # not installed
+        info["triton"] = None
+    info["step_kernels"] = {str(d).replace("torch.", ""): step_kernels(device, d) for d in (torch.float32, torch.float64)}
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         info.update(gpu=torch.cuda.get_device_name(device), gpu_memory_gib=round(p.total_memory / 2**30, 1),
@@ -110,6 +118,36 @@ def write_record(out: Path, part: str, args, device: torch.device, values: dict,
               "machine": machine(device), "values": values}
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
+
+
+# -- the fused paths' step kernels ---------------------------------------------------------------
+def step_kernels(device: torch.device, dtype=torch.float32) -> str:
+    """Which step kernels the fused paths use for tensors of this device and dtype."""
+    from hypernetworks.nn import _fused
+
+    lib = _fused._kernels_for(torch.empty(0, device=device, dtype=dtype))
+    if lib is None:
+        return "PyTorch ops"
+    return "Triton kernels" if device.type == "cuda" else "C++ kernels"
+
+
+@contextlib.contextmanager
+def torch_ops_only():
+    """The fused paths with PyTorch ops instead of the C++ (CPU) or Triton (CUDA) step kernels."""
+    from hypernetworks.nn import _kernels
+
+    saved, saved_env = dict(_kernels._state), os.environ.get(rnn_speed.TRITON_ENV)
+    _kernels._state.update(lib=None, why="gpu_check: PyTorch-op path")
+    os.environ[rnn_speed.TRITON_ENV] = "0"
+    try:
+        yield
+    finally:
+        _kernels._state.clear()
+        _kernels._state.update(saved)
+        if saved_env is None:
+            os.environ.pop(rnn_speed.TRITON_ENV, None)
+        else:
+            os.environ[rnn_speed.TRITON_ENV] = saved_env
 
 
 # -- correctness --------------------------------------------------------------------------------
@@ -221,7 +259,11 @@ def _correctness(device: torch.device) -> tuple[dict, bool]:
                 m.load_state_dict(ref_model.state_dict())
                 x, _ = _inputs(shape, s, dtype, device)
                 name = f"{kind}, {shape}, {str(dtype).replace('torch.', '')} on {device.type}"
-                check(f"{name}: fused vs float64 CPU eager", _run(m, x, fused=True), want, tol)
+                check(f"{name}: fused ({step_kernels(device, dtype)}) vs float64 CPU eager", _run(m, x, fused=True),
+                      want, tol)
+                if step_kernels(device, dtype) != "PyTorch ops":
+                    with torch_ops_only():
+                        check(f"{name}: fused (PyTorch ops) vs float64 CPU eager", _run(m, x, fused=True), want, tol)
                 check(f"{name}: eager vs float64 CPU eager", _run(m, x, fused=False), want, tol)
     # recurrent dropout in training mode: fused and eager draw the same masks in the same order
     for kind in kinds:
@@ -281,6 +323,8 @@ def speed(device: torch.device, quick: bool, repeats: int | None) -> tuple[dict,
     for batch in batches:
         size = dict(base, batch=batch)
         names = list(SPEED_MODELS)
+        if device.type == "cuda" and step_kernels(device) != "PyTorch ops":  # what the step kernels gain
+            names += [f"{n} (torch ops)" for n in ("HyperLSTM", "LN HyperLSTM", "LN LSTM")]
         times = rnn_speed.time_models(names, size, device, repeats)
         rows = {n: {"seconds": times[n], "x_torch_lstm": times[n] / times["torch.nn.LSTM"]} for n in names}
         if device.type == "cuda":

@@ -57,7 +57,7 @@ def labml_available(path: str) -> bool:
 
 
 def build(name: str, size: dict) -> torch.nn.Module:
-    if name.endswith(" (torch ops)"):  # the fused path without the compiled step kernels (as on CUDA)
+    if name.endswith(" (torch ops)"):  # the fused path with PyTorch ops: no C++ (CPU) or Triton (CUDA) step kernels
         m = build(name[: -len(" (torch ops)")], size)
         m.without_kernels = True
         return m
@@ -100,10 +100,15 @@ def make_input(size: dict, device: torch.device, packed: bool):
 AUTOCAST: dict = {"dtype": None}  # --autocast: the forward under torch.autocast in this dtype
 
 
+TRITON_ENV = "HYPERNETWORKS_TRITON"  # read per call by the CUDA path (hypernetworks/nn/_triton_kernels.py)
+
+
 def step(model: torch.nn.Module, x) -> None:
     saved = dict(_kernels._state)
+    saved_env = os.environ.get(TRITON_ENV)
     if getattr(model, "without_kernels", False):
         _kernels._state.update(lib=None, why="benchmark row without kernels")
+        os.environ[TRITON_ENV] = "0"
     try:
         dtype = AUTOCAST["dtype"]
         device = (x.data if isinstance(x, torch.nn.utils.rnn.PackedSequence) else x).device.type
@@ -113,6 +118,10 @@ def step(model: torch.nn.Module, x) -> None:
     finally:
         _kernels._state.clear()
         _kernels._state.update(saved)
+        if saved_env is None:
+            os.environ.pop(TRITON_ENV, None)
+        else:
+            os.environ[TRITON_ENV] = saved_env
     model.zero_grad(set_to_none=True)
 
 

@@ -6,7 +6,8 @@ run of the paper-size PTB recipe, each written as a JSON record.
     python benchmarks/gpu_check.py --device cpu --quick --out /tmp/gpu-check   # smoke run on CPU (CI)
 
 Needs: torch and Lightning (with what Lightning itself installs: torchmetrics, PyYAML, numpy) and this
-checkout's ``src/``, which is put on ``sys.path`` when the package is not installed. Nothing else of the
+checkout's ``src/``, which is put on ``sys.path`` when the package is not installed; on CUDA the fused
+paths use triton (which CUDA builds of torch bring) for their step kernels, PyTorch ops without it. Nothing else of the
 project's dependencies is imported (no jsonargparse, fastapi, matplotlib): the recipe's YAML is read
 with PyYAML and the task, data module and Trainer are built directly.
 
@@ -16,12 +17,13 @@ Lightning versions, the date and the values:
 
 * ``correctness``: every recurrent layer (HyperLSTM, LN HyperLSTM, LN LSTM, LSTM) in four shapes (one
   layer; two layers; bidirectional; a PackedSequence batch of unequal lengths), outputs, final states
-  and all gradients of the fused path and of the eager per-step path on the device, in float32 and
-  float64, against the eager path in float64 on CPU; recurrent dropout in training mode (fused and eager
+  and all gradients of the fused path (with the device's step kernels, and with PyTorch ops) and of the
+  eager per-step path on the device, in float32 and float64, against the eager path in float64 on CPU; recurrent dropout in training mode (fused and eager
   draw the same masks under one seed, so they must agree); torch.autocast in bf16 (and fp16 with a
   GradScaler on CUDA) against float32; the opt-in CUDA-graph wrapper (``cuda_graphed``) against eager.
 * ``speed``: ``benchmarks/rnn_speed.py``'s measurement: torch.nn.LSTM (cuDNN on a GPU) against
-  HyperLSTM, LN HyperLSTM and LN LSTM (and their CUDA-graph replays on CUDA) at the PTB size (input 50,
+  HyperLSTM, LN HyperLSTM and LN LSTM (on CUDA also with PyTorch ops instead of the Triton step kernels,
+  and replayed as CUDA graphs) at the PTB size (input 50,
   hidden 1000, hyper 128, N_z 4, 100 steps), batch 64 and 128: forward + backward time, median of
   interleaved rounds, and peak memory of one forward + backward.
 * ``ptb``: ``configs/ptb-ln-hyperlstm.yaml`` (paper size, batch 128 x 100) trained for ``--ptb-seconds``

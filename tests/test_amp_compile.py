@@ -1,6 +1,8 @@
 """Mixed precision (torch.autocast, Lightning's "bf16-mixed") and torch.compile of the recurrent layers, on CPU."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -249,3 +251,48 @@ def test_importing_the_layers_does_not_load_dynamo():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == "False"
+
+
+TRITON_AMP_CHILD = """
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+from hypernetworks.nn import HyperLSTM, LSTM, _fused
+torch.manual_seed(0)
+worst = 0.0
+for m in (HyperLSTM(6, 16, hyper_size=8, embedding_size=4, layer_norm=True, recurrent_dropout=0.2),
+          HyperLSTM(6, 16, hyper_size=8, embedding_size=4), LSTM(6, 16, layer_norm=True)):
+    x = torch.randn(7, 3, 6)
+    runs = []
+    for triton_on in (True, False):
+        _fused._TRITON_ON_CPU = triton_on
+        torch.manual_seed(1)
+        m.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, state = m(x)
+        assert out.dtype == torch.float32
+        (out.sum() + sum(s.pow(2).sum() for s in state)).backward()
+        runs.append([out.detach()] + [p.grad.clone() for p in m.parameters()])
+    for a, b in zip(*runs):
+        assert torch.isfinite(a).all()
+        worst = max(worst, ((a - b).norm() / b.norm().clamp_min(1e-12)).item())
+print(worst)
+"""
+
+
+def test_bf16_autocast_with_the_triton_step_kernels():
+    """What CUDA runs under autocast: the fused paths with the Triton step kernels (here in Triton's CPU
+    interpreter, in a child process) around low-precision products, against the same autocast run with
+    PyTorch ops (both round the products to bf16 alike; the kernels' float32 math differs in the last bits)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed here (it comes with CUDA builds of torch, or the test extra on "
+                    "Linux x86_64); the PyTorch-op variants of the autocast tests still run")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "HYPERNETWORKS_TRITON": "1", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", TRITON_AMP_CHILD], capture_output=True, text=True, timeout=600,
+                         env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert float(res.stdout.strip().splitlines()[-1]) < 1e-3  # measured 4e-7

@@ -380,7 +380,11 @@ def test_triton_kernels_compile_for_a_gpu_without_one():
     for fn, const in jobs:
         sig = {name: "constexpr" if name in const else "fp32" if name == "eps" else "i32" if name in ints
                else "*fp32" for name in fn.arg_names}
-        k = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+        try:
+            src = ASTSource(fn, sig, constexprs=const)
+        except TypeError as e:  # the signature format used here is that of recent triton (3.9 checked)
+            pytest.skip(f"triton {triton.__version__} takes another ASTSource signature ({e})")
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": tk.TritonKernels.num_warps, "enable_fp_fusion": True})
         assert k.asm.get("cubin"), f"{fn.__name__} {const}: no cubin"
 

@@ -57,6 +57,72 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 SENTINEL = 7.25  # rows past the active ones must keep this value
 
 
+# -- end to end: a layer's forward and backward with the Triton kernels against the default path ----
+def _compare_paths(kind, opts, device, switch, size, close):
+    """Runs a HyperLSTM or LSTM (``opts``: its options, plus ``packed``) forward and backward twice,
+    ``switch(True)`` (the Triton kernels) and ``switch(False)`` (the default path), with the same
+    dropout masks, and compares outputs, final states and every gradient with ``close``."""
+    import torch
+    from torch.nn.utils.rnn import pack_sequence
+
+    from hypernetworks.nn import LSTM, HyperLSTM
+    from hypernetworks.nn import _triton_kernels as tk
+
+    opts = dict(opts)
+    packed = opts.pop("packed", False)
+    torch.manual_seed(3)
+    I, H, T, B = size["I"], size["H"], size["T"], size["B"]
+    if kind == "hyper":
+        m = HyperLSTM(I, H, hyper_size=size["HH"], embedding_size=size["NZ"], **opts)
+    else:
+        m = LSTM(I, H, **opts)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    m = m.to(device).train(True)
+    if packed:
+        seqs = [torch.randn(max(1, T - k % 3), I, device=device) for k in range(B)]
+    else:
+        x0 = torch.randn(T, B, I, device=device)
+    calls = {"n": 0}
+    real_init = tk.TritonKernels.__init__
+
+    def counting_init(self, like):
+        calls["n"] += 1
+        real_init(self, like)
+
+    def run(triton_on: bool):
+        switch(triton_on)
+        tk.TritonKernels.__init__ = counting_init
+        try:
+            m.zero_grad(set_to_none=True)
+            torch.manual_seed(11)  # the same dropout masks on both runs
+            if packed:
+                xs = [x.clone().requires_grad_() for x in seqs]
+                out, state = m(pack_sequence(xs, enforce_sorted=False))
+                y = out.data
+            else:
+                xs = [x0.clone().requires_grad_()]
+                y, state = m(xs[0])
+            w = torch.linspace(-1, 1, y.numel(), device=device).view_as(y)
+            loss = (y * w).sum() + sum((k + 1) * s.pow(2).sum() for k, s in enumerate(state))
+            loss.backward()
+            return [y, *state], [x.grad for x in xs] + [p.grad for p in m.parameters()]
+        finally:
+            switch(False)
+            tk.TritonKernels.__init__ = real_init
+
+    outs_t, grads_t = run(True)
+    n_triton = calls["n"]
+    assert n_triton > 0, "the Triton kernels were not used"
+    outs_d, grads_d = run(False)
+    assert calls["n"] == n_triton, "the default path used the Triton kernels"
+    for i, (x, y) in enumerate(zip(outs_t, outs_d)):
+        close(f"output {i}", x, y)
+    for i, (x, y) in enumerate(zip(grads_t, grads_d)):
+        close(f"gradient {i}", x, y, dict(rtol=1e-4, atol=1e-5))
+
+
 # -- the child process: runs every check in the interpreter --------------------------------------
 def _child() -> dict:
     os.environ["TRITON_INTERPRET"] = "1"
@@ -226,66 +292,10 @@ def _child() -> dict:
                     close(f"hyper backward {name} vs C++", x, y)
 
     def e2e_case(kind, opts):
-        from torch.nn.utils.rnn import pack_sequence
+        def switch(on: bool):
+            _fused._TRITON_ON_CPU = on
 
-        from hypernetworks.nn import LSTM, HyperLSTM
-
-        opts = dict(opts)
-        packed = opts.pop("packed", False)
-        torch.manual_seed(3)
-        I, H = 3, 6
-        if kind == "hyper":
-            m = HyperLSTM(I, H, hyper_size=5, embedding_size=2, **opts)
-        else:
-            m = LSTM(I, H, **opts)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(0.3 * torch.randn_like(p))
-        m.train(True)
-        T, B = 4, 3
-        if packed:
-            seqs = [torch.randn(n, I) for n in (2, 4, 3)]
-        else:
-            x0 = torch.randn(T, B, I)
-
-        calls = {"n": 0}
-        real_init = tk.TritonKernels.__init__
-
-        def counting_init(self, like):
-            calls["n"] += 1
-            real_init(self, like)
-
-        def run(triton_on: bool):
-            _fused._TRITON_ON_CPU = triton_on
-            tk.TritonKernels.__init__ = counting_init
-            try:
-                m.zero_grad(set_to_none=True)
-                torch.manual_seed(11)  # the same dropout masks on both runs
-                if packed:
-                    xs = [s.clone().requires_grad_() for s in seqs]
-                    out, state = m(pack_sequence(xs, enforce_sorted=False))
-                    y = out.data
-                else:
-                    xs = [x0.clone().requires_grad_()]
-                    y, state = m(xs[0])
-                w = torch.linspace(-1, 1, y.numel()).view_as(y)
-                loss = (y * w).sum() + sum((k_ + 1) * s.pow(2).sum() for k_, s in enumerate(state))
-                loss.backward()
-                return ([y, *state], [x.grad for x in xs] + [p.grad for p in m.parameters()])
-            finally:
-                _fused._TRITON_ON_CPU = False
-                tk.TritonKernels.__init__ = real_init
-
-        before = calls["n"]
-        outs_t, grads_t = run(True)
-        assert calls["n"] > before, "the Triton kernels were not used"
-        n_triton = calls["n"]
-        outs_d, grads_d = run(False)
-        assert calls["n"] == n_triton, "the default path used the Triton kernels"
-        for i, (x, y) in enumerate(zip(outs_t, outs_d)):
-            close(f"output {i}", x, y)
-        for i, (x, y) in enumerate(zip(grads_t, grads_d)):
-            close(f"gradient {i}", x, y, dict(rtol=1e-4, atol=1e-5))
+        _compare_paths(kind, opts, "cpu", switch, dict(I=3, H=6, HH=5, NZ=2, T=4, B=3), close)
 
     checks = ([(f"cell-{c[0]}", cell_case, c[1:]) for c in CELL_CASES]
               + [(f"hyper-{c[0]}", hyper_case, c[1:]) for c in HYPER_CASES]
@@ -387,6 +397,35 @@ def test_triton_kernels_compile_for_a_gpu_without_one():
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": tk.TritonKernels.num_warps, "enable_fp_fusion": True})
         assert k.asm.get("cubin"), f"{fn.__name__} {const}: no cubin"
+
+
+@pytest.mark.parametrize("case", [c[0] for c in E2E_CASES])
+def test_triton_kernels_on_cuda_match_the_pytorch_op_path(case, monkeypatch):
+    """On a GPU: each layer of the end-to-end cases, at a size where the cell kernels loop over
+    two blocks of units, with the Triton kernels (the default on CUDA in float32) against the
+    PyTorch-op path (HYPERNETWORKS_TRITON=0)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU: runs the compiled Triton kernels on the device (their numerics are "
+                    "checked on CPU by the interpreter tests above)")
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed: CUDA runs the PyTorch-op path only")
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("TRITON_INTERPRET is set in this process, so the kernels would be interpreted")
+    from hypernetworks.nn import _triton_kernels as tk
+
+    if not tk.available():
+        pytest.skip(f"the Triton step kernels are unavailable here: {tk.why_unavailable()}")
+    kind, opts = next((c[1], c[2]) for c in E2E_CASES if c[0] == case)
+
+    def switch(on: bool):
+        monkeypatch.setenv("HYPERNETWORKS_TRITON", "1" if on else "0")
+
+    def close(name, got, want, tol=TOL):
+        torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{case} {name}: {m}")
+
+    _compare_paths(kind, opts, "cuda", switch, dict(I=7, H=600, HH=130, NZ=4, T=5, B=9), close)
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--child"]:

@@ -300,8 +300,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--breakdown", action="store_true",
                    help="per model: forward and backward CPU time, minor page faults and system time (the kernel "
                         "zeroing fresh pages), and the throughput of the per-step product; then exit")
+    p.add_argument("--record", default=None, metavar="PATH",
+                   help="also write the table as a record (benchmarks/records.py) at PATH, e.g. "
+                        "results/speed/rnn-cpu-1thread.json")
     p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    started = None
+    if args.record:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from records import conditions
+
+        started = conditions(torch_threads=args.threads or torch.get_num_threads(), clock=args.clock,
+                             device=args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     AUTOCAST["dtype"] = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.autocast]
@@ -358,17 +368,28 @@ def main(argv: list[str] | None = None) -> int:
     load = f"; load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     print(f"fwd+bwd, {desc}; {where}; torch {torch.__version__}; median of {repeats} interleaved rounds; "
           f"{args.clock} clock{load}\n")
-    print("| model | fwd+bwd time (s) | time / torch.nn.LSTM | peak memory (MiB) | memory / torch.nn.LSTM |")
+    columns = ["model", "fwd+bwd time (s)", "time / torch.nn.LSTM", "peak memory (MiB)", "memory / torch.nn.LSTM"]
+    print("| " + " | ".join(columns) + " |")
     print("|---|---:|---:|---:|---:|")
     t0, m0 = times["torch.nn.LSTM"], mems["torch.nn.LSTM"]
+    rows = []
     for n in names:
         if n not in times:
-            print(f"| {n} | not installed | | | |")
+            rows.append([n, "not installed", "", "", ""])
             continue
         mem = mems[n]
         mem_s = "n/a" if mem is None else f"{mem / 2**20:.0f}"
         mem_r = "n/a" if mem is None or not m0 else f"{mem / m0:.2f}x"
-        print(f"| {n} | {times[n]:.3f} | {times[n] / t0:.2f}x | {mem_s} | {mem_r} |")
+        rows.append([n, f"{times[n]:.3f}", f"{times[n] / t0:.2f}x", mem_s, mem_r])
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    if args.record:
+        from records import write_record
+
+        path = write_record(args.record, name=Path(args.record).stem, title=f"fwd+bwd, {desc}; {where}",
+                            columns=columns, rows=rows, started=started,
+                            values={"seconds": times, "peak_bytes": mems, "size": size, "repeats": repeats})
+        print(f"\nwrote {path}")
     return 0
 
 

@@ -117,13 +117,20 @@ def time_sequence(size: dict, repeats: int, clock: str) -> dict[str, float]:
     return _rounds({k: run(m) for k, m in models.items()}, repeats, clock)
 
 
-def _table(title: str, times: dict[str, float], ref: str) -> None:
+def _table(title: str, times: dict[str, float], ref: str, record: str | None = None, started=None,
+           values=None) -> None:
+    columns = ["model", "fwd+bwd time (s)", f"time / {ref}"]
+    rows = [[n, f"{t:.4f}", f"{t / times[ref]:.2f}x"] for n, t in times.items()]
     print(title + "\n")
-    print(f"| model | fwd+bwd time (s) | time / {ref} |")
+    print("| " + " | ".join(columns) + " |")
     print("|---|---:|---:|")
-    for n, t in times.items():
-        print(f"| {n} | {t:.4f} | {t / times[ref]:.2f}x |")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
     print()
+    if record:
+        from records import write_record
+
+        print(f"wrote {write_record(record, name=Path(record).stem, title=title, columns=columns, rows=rows, started=started, values={'seconds': times, **(values or {})})}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,7 +147,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="the loop's dtype (default float64, as the time-series example)")
     p.add_argument("--steps", type=int, default=None, help="time steps of the loop (default 300, quick 20)")
     p.add_argument("--sequence", action="store_true", help="also time HyperLSTM vs torch.nn.LSTM at the demo's size")
+    p.add_argument("--record", default=None, metavar="PATH",
+                   help="write the step-loop table as a record at PATH (and the --sequence table at PATH with "
+                        "-sequence before .json), e.g. results/speed/cell-loop.json")
     args = p.parse_args(argv)
+    started = None
+    if args.record:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from records import conditions
+
+        started = conditions(torch_threads=args.threads, clock=args.clock)
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 15)
     kinds = ["torch.nn.LSTMCell"] + [k for k in args.cells if k != "torch.nn.LSTMCell"]
@@ -152,12 +168,15 @@ def main(argv: list[str] | None = None) -> int:
             f"rounds; {args.clock} clock{load}")
     desc = ", ".join(f"{k}={v}" for k, v in size.items())
     _table(f"Step loop of two stacked cells, {args.dtype}, fwd+bwd, {desc}; {head}",
-           time_loop(kinds, size, repeats, args.clock, getattr(torch, args.dtype)), "torch.nn.LSTMCell")
+           time_loop(kinds, size, repeats, args.clock, getattr(torch, args.dtype)), "torch.nn.LSTMCell",
+           args.record, started, {"size": size, "dtype": args.dtype, "repeats": repeats})
     if args.sequence:
         size = SEQUENCE_QUICK if args.quick else SEQUENCE
         desc = ", ".join(f"{k}={v}" for k, v in size.items())
         _table(f"Sequence layer, float32, fwd+bwd, {desc}; {head}",
-               time_sequence(size, repeats, args.clock), "torch.nn.LSTM")
+               time_sequence(size, repeats, args.clock), "torch.nn.LSTM",
+               args.record and str(Path(args.record).with_name(Path(args.record).stem + "-sequence.json")), started,
+               {"size": size, "repeats": repeats})
     return 0
 
 

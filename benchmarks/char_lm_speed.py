@@ -39,10 +39,15 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--record", default=None, metavar="PATH", help="also write the table as a record at PATH")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall (default) or cpu: this process's CPU time, which excludes the time it waits for a "
                         "core on a loaded machine (meaningful with --threads 1)")
     args = p.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from records import conditions
+
+    started = conditions(torch_threads=args.threads or torch.get_num_threads())
     now = time.perf_counter if args.clock == "wall" else time.process_time
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -84,12 +89,24 @@ def main(argv=None) -> int:
           f"{torch.get_num_threads()} thread(s), {args.device}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{args.clock} clock, load average {os.getloadavg()[0]:.1f}")
     print()
-    print("| cell | params | step (ms, median) | chars/s | time vs LSTM |")
-    print("|---|---|---|---|---|")
+    columns = ["cell", "params", "step (ms, median)", "chars/s", "time vs LSTM"]
+    rows = []
     for cell in CELLS:
         t = statistics.median(setups[cell][3])
         n = sum(q.numel() for q in setups[cell][0].parameters())
-        print(f"| {cell} | {n:,} | {t * 1e3:.1f} | {chars / t:,.0f} | {t / base:.2f}x |")
+        rows.append([cell, f"{n:,}", f"{t * 1e3:.1f}", f"{chars / t:,.0f}", f"{t / base:.2f}x"])
+    print("| " + " | ".join(columns) + " |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    if args.record:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from records import write_record
+
+        write_record(args.record, name=Path(args.record).stem, columns=columns, rows=rows, started=started,
+                     title=f"char LM training step, hidden {args.hidden_size}, hyper {args.hyper_size}, batch "
+                           f"{args.batch_size} x {args.seq_len}, {torch.get_num_threads()} thread(s), {args.clock} clock",
+                     values={"seconds": {c: statistics.median(setups[c][3]) for c in CELLS}})
     return 0
 
 

@@ -63,7 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--record", default=None, metavar="PATH", help="also write the table as a record at PATH")
     args = p.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from records import conditions
+
+    started = conditions(torch_threads=args.threads or torch.get_num_threads())
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -103,11 +108,21 @@ def main(argv: list[str] | None = None) -> int:
     base = statistics.median(times[f"WRN 40-{args.width}"])
     print(f"\ndevice: {device} ({torch.get_num_threads()} threads), batch {args.batch}, "
           f"{args.rounds} rounds x {args.steps} steps, median step time\n")
-    print("| model | ms / training step | ratio to WRN |")
+    columns = ["model", "ms / training step", "ratio to WRN"]
+    rows = [[name.strip(), f"{1000 * statistics.median(ts):.1f}", f"{statistics.median(ts) / base:.2f}x"]
+            for name, ts in times.items()]
+    print("| " + " | ".join(columns) + " |")
     print("|---|---:|---:|")
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"| {name.strip()} | {1000 * med:.1f} | {med / base:.2f}x |")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    if args.record:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from records import write_record
+
+        write_record(args.record, name=Path(args.record).stem, columns=columns, rows=rows, started=started,
+                     title=f"{device} ({torch.get_num_threads()} threads), batch {args.batch}, {args.rounds} rounds x "
+                           f"{args.steps} steps, median step time",
+                     values={"seconds": {k.strip(): v for k, v in times.items()}})
     return 0
 
 

@@ -100,6 +100,14 @@ STUDIES: dict[str, dict] = {
 }
 
 
+# Runs of ptb-schedule that reach the 30-epoch cap still improving continue here (exact resume)
+STUDIES["ptb-schedule-long"] = dict(
+    _BPC, title="Character-level PTB, 128 units, schedule check continued to a 60-epoch cap (exact resume of the "
+                "30-epoch runs)",
+    cells=_continued("ptb-schedule", STUDIES["ptb-schedule"]["cells"],
+                     lambda k: f"configs/study/ptb-schedule-long-{k}.yaml"))
+
+
 # ----------------------------------------------------------------------------- running
 
 def _run_dir(runs_root: Path, study: str, cell: Cell, seed: int) -> Path:

@@ -18,8 +18,11 @@ import json
 import os
 import subprocess
 import sys
+import statistics
 import time
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "channels"
@@ -63,41 +66,53 @@ def _params(recipe: Path) -> dict[str, int]:
     return parameter_report(create_model(args["model"], **(args.get("model_args") or {})))
 
 
-def run(names: list[str], test_limit_per_class: int | None = None, test_only: bool = False) -> None:
+def run_name(name: str, seed: int = 0, max_steps: int | None = None) -> str:
+    """The run's (and its record's) name: the recipe's, with ``-seed<k>`` for seeds other than the
+    recipes' 0 and ``-steps<n>`` for a changed step budget (the compute-matched runs)."""
+    return name + (f"-steps{max_steps}" if max_steps else "") + (f"-seed{seed}" if seed else "")
+
+
+def run(names: list[str], test_limit_per_class: int | None = None, test_only: bool = False, seed: int = 0,
+        max_steps: int | None = None) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    for name in names or RECIPES:
+    for recipe_name in names or RECIPES:
+        name = run_name(recipe_name, seed, max_steps)
         out = RESULTS / f"{name}.json"
         old = json.loads(out.read_text()) if out.exists() else None
         if old is not None and not test_only:
             print(f"{name}: recorded already ({out})")
             continue
-        recipe = ROOT / "configs" / f"{name}.yaml"
+        recipe = ROOT / "configs" / f"{recipe_name}.yaml"
         cli = [sys.executable, "-m", "hypernetworks.cli"]
+        common = ["--config", str(recipe), "--run_name", name, "--seed_everything", str(seed)]
+        if max_steps:
+            common += ["--trainer.max_steps", str(max_steps)]
         ckpt = ROOT / "runs" / name / "checkpoints" / "last.ckpt"
         load0, t0 = os.getloadavg(), time.time()
         if test_only:
             if not ckpt.is_file():
                 raise SystemExit(f"{name}: --test-only needs {ckpt}")
         else:
-            subprocess.run([*cli, "fit", "--config", str(recipe)], check=True, env=env, cwd=ROOT)
+            subprocess.run([*cli, "fit", *common], check=True, env=env, cwd=ROOT)
             versions = sorted((ROOT / "runs" / name / "csv").glob("version_*/config.yaml"),
                               key=lambda p: int(p.parent.name.split("_")[1]))
             if versions:  # the fully resolved configuration the fit ran with
                 (RESULTS / f"{name}.fit-config.yaml").write_text(versions[-1].read_text())
         t1 = time.time()
-        test = [*cli, "test", "--config", str(recipe), "--ckpt_path", str(ckpt)]
+        test = [*cli, "test", *common, "--ckpt_path", str(ckpt)]
         if test_limit_per_class:  # the first N test images of each class (the fit used the full data)
             test += ["--data.limit_per_class", str(test_limit_per_class)]
         subprocess.run(test, check=True, env=env, cwd=ROOT)
         t2 = time.time()
         n_test = 10 * test_limit_per_class if test_limit_per_class else 10000
         record = {
-            "recipe": f"configs/{name}.yaml", "label": LABEL.get(name, name),
+            "recipe": f"configs/{recipe_name}.yaml", "label": LABEL.get(recipe_name, recipe_name), "seed": seed,
+            "max_steps": max_steps or yaml.safe_load(recipe.read_text())["trainer"]["max_steps"],
             "test": _test_metrics(ROOT / "runs" / name), "test_images": n_test,
             "test_set": (f"the first {test_limit_per_class} test images of each class" if test_limit_per_class
                          else "the full CIFAR-10 test set"),
-            "params": _params(recipe),
+            "params": _params(recipe), "command": " ".join(["python", "benchmarks/channels_standin.py", *sys.argv[1:]]),
             "fit_seconds": old["fit_seconds"] if test_only else round(t1 - t0, 1), "test_seconds": round(t2 - t1, 1),
             "load_average_start": [round(x, 2) for x in load0],
             "load_average_end": [round(x, 2) for x in os.getloadavg()],
@@ -108,6 +123,38 @@ def run(names: list[str], test_limit_per_class: int | None = None, test_only: bo
             record["earlier_test"] = {"test_images": old.get("test_images", 10000), "test": old["test"]}
         out.write_text(json.dumps(record, indent=2) + "\n")
         print(f"{name}: {record['test']}")
+
+
+def _mean(xs: list[float]) -> str:
+    if len(xs) < 2:
+        return f"{100 * xs[0]:.1f}"
+    return f"{100 * statistics.fmean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}"
+
+
+def table(records: dict[str, dict]) -> str:
+    """One row per recipe and step budget: accuracy per channel subset averaged over its seeds, and
+    the mean over the subsets as mean ± std over seeds."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for name, r in records.items():
+        recipe = Path(r["recipe"]).stem
+        steps = r.get("max_steps") or yaml.safe_load((ROOT / r["recipe"]).read_text())["trainer"]["max_steps"]
+        groups.setdefault((recipe, steps), []).append(r)
+    order = sorted(groups, key=lambda k: (RECIPES.index(k[0]) if k[0] in RECIPES else 99, -k[1]))
+    lines = ["| model | params | steps | seeds | test images | " + " | ".join(s.replace("+", " + ") for s in SUBSETS)
+             + " | mean over subsets |", "|---|---:|---:|---:|---:|" + "---:|" * (len(SUBSETS) + 1)]
+    for key in order:
+        rs = sorted(groups[key], key=lambda r: r.get("seed", 0))
+        per_seed = [[r["test"].get(f"test_acc/{s}") for s in SUBSETS] for r in rs]
+        cells = []
+        for i in range(len(SUBSETS)):
+            vals = [accs[i] for accs in per_seed if accs[i] is not None]
+            cells.append(f"{100 * statistics.fmean(vals):.1f}" if vals else "-")
+        means = [statistics.fmean([a for a in accs if a is not None]) for accs in per_seed]
+        images = sorted({r.get("test_images", 10000) for r in rs})
+        lines.append(f"| {rs[0]['label']} | {rs[0]['params']['total']:,} | {key[1]:,} | "
+                     f"{len(rs)} ({', '.join(str(r.get('seed', 0)) for r in rs)}) | "
+                     f"{', '.join(f'{n:,}' for n in images)} | " + " | ".join(cells) + f" | {_mean(means)} |")
+    return "\n".join(lines) + "\n"
 
 
 def report() -> None:
@@ -121,19 +168,8 @@ def report() -> None:
     records = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
     if not records:
         raise SystemExit(f"no records in {RESULTS}; run `python {Path(__file__).name} run` first")
-    import yaml
-
-    head = "| model | params | steps | test images | " + " | ".join(s.replace("+", " + ") for s in SUBSETS) + " | mean |"
-    print(head)
-    print("|---|---:|---:|---:|" + "---:|" * (len(SUBSETS) + 1))
-    for name in [n for n in RECIPES if n in records]:
-        r = records[name]
-        steps = yaml.safe_load((ROOT / r["recipe"]).read_text())["trainer"]["max_steps"]
-        accs = [r["test"].get(f"test_acc/{s}") for s in SUBSETS]
-        cells = [f"{100 * a:.1f}" if a is not None else "-" for a in accs]
-        mean = sum(a for a in accs if a is not None) / max(1, sum(a is not None for a in accs))
-        print(f"| {r['label']} | {r['params']['total']:,} | {steps:,} | {r.get('test_images', 10000):,} | "
-              + " | ".join(cells) + f" | {100 * mean:.1f} |")
+    print(table(records))
+    records = {n: r for n, r in records.items() if n in RECIPES}  # the figure: seed 0 at the recipes' budget
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [4, 2]})
     groups = [("comparison (all three channels in training)", [n for n in RECIPES[:4] if n in records], axes[0]),
               ("leave green out of training", [n for n in RECIPES[4:] if n in records], axes[1])]
@@ -163,10 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--test-limit-per-class", type=int, default=None,
                    help="test on the first N test images of each class (default: all 10,000)")
     r.add_argument("--test-only", action="store_true", help="re-test the run's last.ckpt and re-record it")
+    r.add_argument("--seed", type=int, default=0, help="seed_everything (default 0, the recipes'); records of other "
+                                                       "seeds are named <recipe>-seed<k>")
+    r.add_argument("--max-steps", type=int, default=None,
+                   help="another step budget (a compute-matched run); records are named <recipe>-steps<n>")
     sub.add_parser("report")
     args = p.parse_args(argv)
     if args.cmd == "run":
-        run(args.names, args.test_limit_per_class, args.test_only)
+        run(args.names, args.test_limit_per_class, args.test_only, args.seed, args.max_steps)
     else:
         report()
     return 0

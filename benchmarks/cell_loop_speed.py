@@ -122,15 +122,11 @@ def _table(title: str, times: dict[str, float], ref: str, record: str | None = N
     columns = ["model", "fwd+bwd time (s)", f"time / {ref}"]
     rows = [[n, f"{t:.4f}", f"{t / times[ref]:.2f}x"] for n, t in times.items()]
     print(title + "\n")
-    print("| " + " | ".join(columns) + " |")
-    print("|---|---:|---:|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
-    print()
-    if record:
-        from records import write_record
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from records import emit_table
 
-        print(f"wrote {write_record(record, name=Path(record).stem, title=title, columns=columns, rows=rows, started=started, values={'seconds': times, **(values or {})})}\n")
+    emit_table(columns, rows, record, title=title, started=started, values={"seconds": times, **(values or {})})
+    print()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
                         "core on a loaded machine (meaningful with --threads 1)")
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from records import conditions
+    from records import conditions, emit_table
 
     started = conditions(torch_threads=args.threads or torch.get_num_threads())
     now = time.perf_counter if args.clock == "wall" else time.process_time
@@ -95,18 +95,10 @@ def main(argv=None) -> int:
         t = statistics.median(setups[cell][3])
         n = sum(q.numel() for q in setups[cell][0].parameters())
         rows.append([cell, f"{n:,}", f"{t * 1e3:.1f}", f"{chars / t:,.0f}", f"{t / base:.2f}x"])
-    print("| " + " | ".join(columns) + " |")
-    print("|---|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
-    if args.record:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from records import write_record
-
-        write_record(args.record, name=Path(args.record).stem, columns=columns, rows=rows, started=started,
-                     title=f"char LM training step, hidden {args.hidden_size}, hyper {args.hyper_size}, batch "
-                           f"{args.batch_size} x {args.seq_len}, {torch.get_num_threads()} thread(s), {args.clock} clock",
-                     values={"seconds": {c: statistics.median(setups[c][3]) for c in CELLS}})
+    emit_table(columns, rows, args.record, started=started,
+               values={"seconds": {c: statistics.median(setups[c][3]) for c in CELLS}},
+               title=f"char LM training step, hidden {args.hidden_size}, hyper {args.hyper_size}, batch "
+                     f"{args.batch_size} x {args.seq_len}, {torch.get_num_threads()} thread(s), {args.clock} clock")
     return 0
 
 

@@ -99,6 +99,19 @@ def write_record(path: str | os.PathLike, *, name: str, title: str, columns: lis
     return path
 
 
+def emit_table(columns: list[str], rows: list[list[Any]], record: str | os.PathLike | None = None, *,
+               title: str, started: dict[str, Any] | None = None, values: dict[str, Any] | None = None) -> None:
+    """Print the table as markdown and, when ``record`` names a path, write it there as a record."""
+    print("| " + " | ".join(columns) + " |")
+    print("|---|" + "---:|" * (len(columns) - 1))
+    for row in rows:
+        print("| " + " | ".join(str(c) for c in row) + " |")
+    if record:
+        path = write_record(record, name=Path(record).stem, title=title, columns=columns, rows=rows,
+                            started=started, values=values)
+        print(f"\nwrote {path}")
+
+
 def read_record(path: str | os.PathLike) -> dict[str, Any]:
     record = json.loads(Path(path).read_text())
     for key in ("name", "command", "date", "machine", "torch", "columns", "rows"):

@@ -369,8 +369,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fwd+bwd, {desc}; {where}; torch {torch.__version__}; median of {repeats} interleaved rounds; "
           f"{args.clock} clock{load}\n")
     columns = ["model", "fwd+bwd time (s)", "time / torch.nn.LSTM", "peak memory (MiB)", "memory / torch.nn.LSTM"]
-    print("| " + " | ".join(columns) + " |")
-    print("|---|---:|---:|---:|---:|")
     t0, m0 = times["torch.nn.LSTM"], mems["torch.nn.LSTM"]
     rows = []
     for n in names:
@@ -381,15 +379,11 @@ def main(argv: list[str] | None = None) -> int:
         mem_s = "n/a" if mem is None else f"{mem / 2**20:.0f}"
         mem_r = "n/a" if mem is None or not m0 else f"{mem / m0:.2f}x"
         rows.append([n, f"{times[n]:.3f}", f"{times[n] / t0:.2f}x", mem_s, mem_r])
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
-    if args.record:
-        from records import write_record
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from records import emit_table
 
-        path = write_record(args.record, name=Path(args.record).stem, title=f"fwd+bwd, {desc}; {where}",
-                            columns=columns, rows=rows, started=started,
-                            values={"seconds": times, "peak_bytes": mems, "size": size, "repeats": repeats})
-        print(f"\nwrote {path}")
+    emit_table(columns, rows, args.record, title=f"fwd+bwd, {desc}; {where}", started=started,
+               values={"seconds": times, "peak_bytes": mems, "size": size, "repeats": repeats})
     return 0
 
 

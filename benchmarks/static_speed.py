@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--record", default=None, metavar="PATH", help="also write the table as a record at PATH")
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from records import conditions
+    from records import conditions, emit_table
 
     started = conditions(torch_threads=args.threads or torch.get_num_threads())
     if args.threads:
@@ -111,18 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     columns = ["model", "ms / training step", "ratio to WRN"]
     rows = [[name.strip(), f"{1000 * statistics.median(ts):.1f}", f"{statistics.median(ts) / base:.2f}x"]
             for name, ts in times.items()]
-    print("| " + " | ".join(columns) + " |")
-    print("|---|---:|---:|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
-    if args.record:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from records import write_record
-
-        write_record(args.record, name=Path(args.record).stem, columns=columns, rows=rows, started=started,
-                     title=f"{device} ({torch.get_num_threads()} threads), batch {args.batch}, {args.rounds} rounds x "
-                           f"{args.steps} steps, median step time",
-                     values={"seconds": {k.strip(): v for k, v in times.items()}})
+    emit_table(columns, rows, args.record, started=started, values={"seconds": {k.strip(): v for k, v in times.items()}},
+               title=f"{device} ({torch.get_num_threads()} threads), batch {args.batch}, {args.rounds} rounds x "
+                     f"{args.steps} steps, median step time")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Drop-in compatibility with torch.nn.LSTM / nn.LSTMCell / nn.RNN (issue 13, section 1).
+"""Drop-in compatibility with torch.nn.LSTM / nn.LSTMCell / nn.RNN.
 
 Training scripts written for the torch modules run with this package's modules swapped in;
 bidirectional layers have nn.LSTM's layout and match the literal equations run per direction."""

@@ -1,5 +1,5 @@
 """A first run as a new user makes it: one data folder, a clear paragraph when data is missing,
-short errors for typos, quiet redirected output (issue 13, section 3)."""
+short errors for typos, quiet redirected output."""
 from __future__ import annotations
 
 import logging

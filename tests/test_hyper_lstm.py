@@ -367,7 +367,7 @@ def test_bad_forward_input_is_refused_not_broadcast(kind):
         cell(torch.randn(3, I), (torch.zeros(3, H), torch.zeros(3, H), torch.zeros(3, HH + 1), torch.zeros(3, HH)))
 
 
-# ---------------------------------------------------------------- the paper's switches (issue 13, section 2)
+# ---------------------------------------------------------------- the paper's switches
 def _cell(**kw):
     torch.manual_seed(20)
     return perturb_(HyperLSTMCell(I, H, hyper_size=HH, embedding_size=NZ, **kw)).double()

@@ -1,5 +1,5 @@
 """The src/ layout: a folder named like the package in the working directory (a clone run from the
-folder above it) must not shadow the installed package (issue 13)."""
+folder above it) must not shadow the installed package."""
 from __future__ import annotations
 
 import os

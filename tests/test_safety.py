@@ -1,4 +1,4 @@
-"""Safety (issue 12, items 1-2): checkpoints cannot run code, damaged files are refused with clear
+"""Safety: checkpoints cannot run code, damaged files are refused with clear
 errors, and training faults stop the run cleanly.
 
 Every corrupted file here is a copy made in ``tmp_path`` (of a small real file, or of one the test

@@ -1,4 +1,4 @@
-"""The converged study's tooling (issue 9): the report rebuilt from a results/ folder alone, the
+"""The converged study's tooling: the report rebuilt from a results/ folder alone, the
 char LM's learning-rate-on-plateau option, and the wall-clock callback."""
 from __future__ import annotations
 

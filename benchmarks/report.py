@@ -12,8 +12,9 @@ A table in a page is marked by the source it is rebuilt from::
 Sources: ``record:<path>`` (a table record written by the command that measured it, see
 ``benchmarks/records.py``; rendered with a line naming the record, its command, date and
 machine), ``study:<name>`` (a study of ``benchmarks/converged_study.py``, from its per-run
-records) and ``study-budgets`` (the PTB study's test bpc at the 4-epoch cap, 12-epoch cap and
-plateau). Nothing but ``results/`` is read, so the tables in the pages are exactly what the records say.
+records), ``study-budgets`` (the PTB study's test bpc at the 4-epoch cap, 12-epoch cap and
+plateau) and ``channels-standin`` (the CIFAR-10 stand-in of ``benchmarks/channels_standin.py``, from
+``results/channels/*.json``, seeds averaged). Nothing but ``results/`` is read, so the tables in the pages are exactly what the records say.
 """
 from __future__ import annotations
 
@@ -87,7 +88,12 @@ def render(source: str, results: Path) -> str:
         return render_study(results, arg)
     if kind == "study-budgets":
         return render_budgets(results)
-    raise ValueError(f"unknown table source {source!r} (record:<path>, study:<name>, study-budgets)")
+    if kind == "channels-standin":
+        import json
+
+        records = {p.stem: json.loads(p.read_text()) for p in sorted((results / "channels").glob("*.json"))}
+        return _module("channels_standin").table(records)
+    raise ValueError(f"unknown table source {source!r} (record:<path>, study:<name>, study-budgets, channels-standin)")
 
 
 def rebuild(text: str, results: Path) -> str:

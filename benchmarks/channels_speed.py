@@ -34,8 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    p.add_argument("--record", default=None, metavar="PATH", help="also write the table as a record at PATH")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from records import conditions
+
+    started = conditions(torch_threads=a.threads, clock=a.clock)
     clock = time.process_time if a.clock == "cpu" else time.perf_counter
     torch.manual_seed(0)
     present = list(NAMES[: a.channels])
@@ -53,11 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     base = statistics.median(times[MODELS[0]])
     print(f"batch {a.batch}, channels {present}, {a.threads} thread(s), {a.clock} clock, median of {a.rounds} "
           f"interleaved rounds; torch {torch.__version__}; load average {os.getloadavg()[0]:.1f}\n")
-    print("| model | params | train step (s) | vs HyperNet ViT |\n|---|---:|---:|---:|")
-    for n, m in models.items():
-        med = statistics.median(times[n])
-        params = sum(q.numel() for q in m.parameters())
-        print(f"| {n} | {params:,} | {med:.3f} | {med / base:.2f}x |")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from records import emit_table
+
+    rows = [[n, f"{sum(q.numel() for q in m.parameters()):,}", f"{statistics.median(times[n]):.3f}",
+             f"{statistics.median(times[n]) / base:.2f}x"] for n, m in models.items()]
+    emit_table(["model", "params", "train step (s)", "vs HyperNet ViT"], rows, a.record, started=started,
+               title=f"stand-in ViTs, forward + backward, batch {a.batch}, {a.channels} channels, {a.threads} thread(s), "
+                     f"{a.clock} clock, median of {a.rounds} interleaved rounds",
+               values={"seconds": {n: statistics.median(times[n]) for n in models}})
     return 0
 
 

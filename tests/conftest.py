@@ -33,6 +33,21 @@ SHARED_DATA = Path(os.environ["HYPERNETWORKS_DATA"])
 torch.set_num_threads(1)
 
 
+@pytest.fixture(params=["kernels", "torch-ops"])
+def step_path(request, monkeypatch):
+    """The fused layers on both step paths: the compiled CPU kernels and the PyTorch-op
+    implementation (what CUDA without Triton and machines without a compiler run)."""
+    from hypernetworks.nn import _kernels
+
+    if request.param == "kernels":
+        if _kernels.library() is None:
+            pytest.skip(f"the compiled step kernels are not available here ({_kernels._state.get('why')}); "
+                        "the PyTorch-op variant of this test still runs")
+    else:
+        monkeypatch.setattr(_kernels, "_state", {"lib": None, "why": "test: PyTorch-op path"})
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The data folder; skips the test when the folder is missing."""

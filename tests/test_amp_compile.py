@@ -7,22 +7,12 @@ import pytest
 import torch
 
 from hypernetworks.nn import LSTM, HyperLSTM, HyperLSTMCell, HyperRNN
-from hypernetworks.nn import _fused, _kernels
+from hypernetworks.nn import _fused
 
 I, H, HH, NZ, T, B = 6, 16, 8, 4, 12, 3
 BF16 = torch.bfloat16
 
 
-@pytest.fixture(params=["kernels", "torch-ops"])
-def step_path(request, monkeypatch):
-    """The fused layers on both step paths: the compiled CPU kernels and the PyTorch-op one (CUDA's)."""
-    if request.param == "kernels":
-        if _kernels.library() is None:
-            pytest.skip(f"the compiled step kernels are not available here ({_kernels._state.get('why')}); "
-                        "the PyTorch-op variant of this test still runs")
-    else:
-        monkeypatch.setattr(_kernels, "_state", {"lib": None, "why": "test: PyTorch-op path"})
-    return request.param
 
 
 LAYERS = {

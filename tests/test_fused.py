@@ -12,17 +12,8 @@ from hypernetworks.nn import _fused, _kernels
 I, H, HH, NZ, T, B = 3, 5, 4, 2, 4, 2
 
 
-@pytest.fixture(autouse=True, params=["kernels", "torch-ops"])
-def step_path(request, monkeypatch):
-    """Every test runs on both fused paths: the compiled step kernels (CPU) and the PyTorch-op
-    implementation (what CUDA and machines without a compiler run)."""
-    if request.param == "kernels":
-        if _kernels.library() is None:
-            pytest.skip(f"the compiled step kernels are not available here ({_kernels._state.get('why')}); "
-                        "the PyTorch-op variant of this test still runs")
-    else:
-        monkeypatch.setattr(_kernels, "_state", {"lib": None, "why": "test: PyTorch-op path"})
-    return request.param
+# every test runs on both fused step paths (the step_path fixture of conftest.py)
+pytestmark = pytest.mark.usefixtures("step_path")
 
 
 def make(kind: str, **kw) -> torch.nn.Module:

@@ -311,6 +311,7 @@ def _check_plain(value: Any, source: str, where: str, depth: int = 0) -> None:
 
 def _conforms(value: Any, hint: Any) -> bool:
     """Whether the plain ``value`` fits the annotation ``hint`` (lenient for hints it does not know)."""
+    import collections.abc
     import types
     import typing
 
@@ -332,13 +333,13 @@ def _conforms(value: Any, hint: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is str:
         return isinstance(value, str)
-    if hint in (list, tuple) or origin in (list, tuple, typing.Sequence) or str(origin) == "<class 'collections.abc.Sequence'>":
+    if hint in (list, tuple) or origin in (list, tuple, collections.abc.Sequence):
         if not isinstance(value, (list, tuple)):
             return False
         if origin is tuple and args and args[-1] is not Ellipsis:
             return len(args) == len(value) and all(_conforms(v, a) for v, a in zip(value, args))
         return not args or all(_conforms(v, args[0]) for v in value)
-    if hint is dict or origin is dict or str(origin) == "<class 'collections.abc.Mapping'>":
+    if hint is dict or origin in (dict, collections.abc.Mapping):
         if not isinstance(value, dict):
             return False
         return not args or all(_conforms(k, args[0]) and _conforms(v, args[1]) for k, v in value.items())

@@ -115,6 +115,20 @@ def channel_subsets(names: Sequence[str]) -> list[list[str]]:
     return sorted(subs, key=lambda s: (len(s), [names.index(c) for c in s]))
 
 
+
+def _checked_channel_args(channels, **positive_ints) -> list[str]:
+    """The channel names as a list, after checking them (non-empty, distinct strings) and that every
+    keyword is a positive int; ValueError naming the argument otherwise."""
+    names = list(channels) if channels is not None else []
+    if not names or not all(isinstance(c, str) and c for c in names):
+        raise ValueError(f"channels must be a non-empty list of channel names, got {channels!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"channels has duplicate names: {names}")
+    for name, v in positive_ints.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return names
+
 class _MetadataEncoder(nn.Module):
     """Physical description (M numbers) -> channel embedding z (N_z): standardise each number
     with statistics fixed at construction, Fourier features at octave frequencies (so nearby
@@ -232,14 +246,8 @@ class ChannelHyperPatchEmbed(_UnseenChannels, nn.Module):
                  metadata_frequencies: int = 4, metadata_hidden: int = 64, reduction: str = "mean",
                  bias: bool = True) -> None:
         super().__init__()
-        names = list(channels) if channels is not None else []
-        if not names or not all(isinstance(c, str) and c for c in names):
-            raise ValueError(f"channels must be a non-empty list of channel names, got {channels!r}")
-        if len(set(names)) != len(names):
-            raise ValueError(f"channels has duplicate names: {names}")
-        for name, v in (("embed_dim", embed_dim), ("patch_size", patch_size), ("embedding_size", embedding_size)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        names = _checked_channel_args(channels, embed_dim=embed_dim, patch_size=patch_size,
+                                      embedding_size=embedding_size)
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         self.channel_names = names
@@ -376,15 +384,8 @@ class PublishedHyperPatchEmbed(_UnseenChannels, nn.Module):
     def __init__(self, channels: Sequence[str], embed_dim: int, patch_size: int, *, embedding_size: int = 256,
                  hidden_size: int = 256, out_divisor: int = 8) -> None:
         super().__init__()
-        names = list(channels) if channels is not None else []
-        if not names or not all(isinstance(c, str) and c for c in names):
-            raise ValueError(f"channels must be a non-empty list of channel names, got {channels!r}")
-        if len(set(names)) != len(names):
-            raise ValueError(f"channels has duplicate names: {names}")
-        for name, v in (("embed_dim", embed_dim), ("patch_size", patch_size), ("embedding_size", embedding_size),
-                        ("hidden_size", hidden_size), ("out_divisor", out_divisor)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        names = _checked_channel_args(channels, embed_dim=embed_dim, patch_size=patch_size,
+                                      embedding_size=embedding_size, hidden_size=hidden_size, out_divisor=out_divisor)
         if embed_dim % out_divisor:
             raise ValueError(f"embed_dim={embed_dim} is not a multiple of out_divisor={out_divisor}")
         self.channel_names = names

@@ -33,16 +33,23 @@ SHARED_DATA = Path(os.environ["HYPERNETWORKS_DATA"])
 torch.set_num_threads(1)
 
 
-@pytest.fixture(params=["kernels", "torch-ops"])
+@pytest.fixture(params=["loops", "kernels", "torch-ops"])
 def step_path(request, monkeypatch):
-    """The fused layers on both step paths: the compiled CPU kernels and the PyTorch-op
-    implementation (what CUDA without Triton and machines without a compiler run)."""
+    """The fused layers on their three CPU paths: the whole-sequence loops of the compiled library
+    (with torch's BLAS), the Python step loop over the compiled kernels (no BLAS found, as on torch
+    builds without MKL), and the PyTorch-op implementation (what CUDA without Triton and machines
+    without a compiler run)."""
     from hypernetworks.nn import _kernels
 
-    if request.param == "kernels":
+    if request.param in ("loops", "kernels"):
         if _kernels.library() is None:
             pytest.skip(f"the compiled step kernels are not available here ({_kernels._state.get('why')}); "
                         "the PyTorch-op variant of this test still runs")
+        if request.param == "loops" and _kernels.sequence_loops() is None:
+            pytest.skip("this torch links no MKL, so the compiled sequence loops are off; the step-loop "
+                        "variant of this test still runs")
+        if request.param == "kernels":
+            monkeypatch.setitem(_kernels._state, "loops", False)
     else:
         monkeypatch.setattr(_kernels, "_state", {"lib": None, "why": "test: PyTorch-op path"})
     return request.param

@@ -315,10 +315,76 @@ def test_single_steps_without_grad_use_fused_path_and_track_weight_updates(kind,
     torch.testing.assert_close(generate(True)[0], generate(False)[0], rtol=1e-12, atol=1e-12)
 
 
+# -- the compiled sequence loops -------------------------------------------------------------------
+@pytest.mark.parametrize("kind,layer_norm,dropout,packed,layers,bidirectional", [
+    ("hyper", False, False, False, 1, False), ("hyper", True, True, False, 2, True), ("hyper", False, True, True, 1, False),
+    ("hyper", True, False, True, 2, True), ("lstm", True, False, False, 2, True), ("lstm", False, True, True, 1, False)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sequence_loops_run_and_equal_the_python_step_loop(kind, layer_norm, dropout, packed, layers, bidirectional,
+                                                          dtype, step_path, monkeypatch):
+    """The whole-sequence loops in the compiled library (per-step products in torch's MKL, packed
+    GEMM for full float32 batches, plain GEMM for the shrinking batches of a PackedSequence) give
+    the outputs, final states and every gradient of the Python loop over the same kernels."""
+    if step_path != "loops":
+        pytest.skip("compares the loops with the step loop, so it runs once, in the loops variant")
+    calls = []
+    real = _fused._loop_fn
+    monkeypatch.setattr(_fused, "_loop_fn", lambda lib, name, like: calls.append(name) or real(lib, name, like))
+    kw = dict(hyper_size=6, embedding_size=3) if kind == "hyper" else {}
+    cls = HyperLSTM if kind == "hyper" else LSTM
+    torch.manual_seed(3)
+    m = cls(I, 9, num_layers=layers, bidirectional=bidirectional, layer_norm=layer_norm,
+            recurrent_dropout=0.25 if dropout else 0.0, **kw).to(dtype)
+    x = torch.randn(7, 4, I, dtype=dtype)
+
+    def result(loops: bool):
+        monkeypatch.setitem(_kernels._state, "loops", loops)
+        m.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_()
+        torch.manual_seed(5)  # the same dropout masks
+        if packed:
+            seq = torch.nn.utils.rnn.pack_padded_sequence(xx, [7, 6, 3, 1])
+            out, state = m(seq)
+            out = out.data
+        else:
+            out, state = m(xx)
+        ((out * out).sum() + sum((s * s).sum() for s in state)).backward()
+        return [out.detach(), *(s.detach() for s in state), xx.grad] + [p.grad for p in m.parameters()]
+
+    with_loops = result(True)
+    assert {"hyper_seq_fwd" if kind == "hyper" else "lstm_seq_fwd",
+            "hyper_seq_bwd" if kind == "hyper" else "lstm_seq_bwd"} <= set(calls)
+    n = len(calls)
+    step_loop = result(False)
+    assert len(calls) == n  # the loops are off
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for a, b in zip(with_loops, step_loop, strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_sequence_loops_need_mkl_and_can_be_switched_off(step_path, monkeypatch):
+    """Without MKL in torch's library (another BLAS, whose integer size is unknown) the loops stay
+    off and the Python step loop runs; HYPERNETWORKS_SEQUENCE_LOOPS=0 switches them off too."""
+    if step_path != "loops":
+        pytest.skip("concerns only the sequence loops, so it runs once, in the loops variant")
+    lib = _kernels.library()
+    monkeypatch.setattr(_kernels, "_torch_blas", lambda: None)
+    assert _kernels._declare_loops(lib) is False
+    monkeypatch.undo()
+    assert _kernels._declare_loops(lib) is True
+    import subprocess
+    import sys
+    code = "from hypernetworks.nn import _kernels; print(_kernels.library() is not None, _kernels.sequence_loops())"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, _kernels.LOOPS_ENV_VAR: "0"})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["True", "None"]
+
+
 # -- building the kernels ------------------------------------------------------------------------
 def test_kernel_build_is_cached(tmp_path, monkeypatch, step_path):
     if step_path != "kernels":
-        pytest.skip("concerns only the compiled step kernels, so it runs once, in the kernels variant, and not again in the PyTorch-op variant")
+        pytest.skip("concerns only building the compiled kernels, so it runs once, in the kernels variant")
     cxx = _kernels._compiler()
     if cxx is None:
         pytest.skip("no C++ compiler found (install g++ or set CXX) to test the kernel build")
@@ -334,7 +400,7 @@ def test_kernel_build_is_cached(tmp_path, monkeypatch, step_path):
 
 def test_no_compiler_means_no_kernels(monkeypatch, step_path):
     if step_path != "kernels":
-        pytest.skip("concerns only the compiled step kernels, so it runs once, in the kernels variant, and not again in the PyTorch-op variant")
+        pytest.skip("concerns only building the compiled kernels, so it runs once, in the kernels variant")
     monkeypatch.setenv("CXX", "/nonexistent/g++")
     assert _kernels._compiler() is None
     monkeypatch.delenv("CXX")
@@ -346,7 +412,7 @@ def test_fallback_without_compiler_warns_once_and_matches(tmp_path, step_path):
     """A fresh process whose compiler is missing (CXX names a program that does not exist, empty
     cache): ONE warning, then the PyTorch-op fused path, with the same results as eager."""
     if step_path != "kernels":
-        pytest.skip("concerns only the compiled step kernels, so it runs once, in the kernels variant, and not again in the PyTorch-op variant")
+        pytest.skip("concerns only building the compiled kernels, so it runs once, in the kernels variant")
     import os
     import subprocess
     import sys
@@ -403,7 +469,7 @@ def test_work_buffers_are_reused_and_change_nothing(kind, monkeypatch):
     for a, b in zip(results["0"], results["1"], strict=True):
         assert_same(a, b, tol=0)
     slots = _slots(m)
-    assert slots and set(slots.values()) == {1}  # one buffer per tag served all four calls
+    assert slots and set(slots.values()) == {1}, [k for k, v in slots.items() if v != 1]  # one buffer per tag served all four calls
 
 
 @pytest.mark.parametrize("kind", ["hyper", "lstm"])

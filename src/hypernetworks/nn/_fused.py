@@ -494,6 +494,93 @@ def _contiguous(ts):
     return tuple(None if t is None else t.contiguous() for t in ts)
 
 
+# -- whole-sequence loops in the compiled library (_kernels.sequence_loops) ----------------------
+# The same steps as the Python loops below (_hyper_forward_kernels, ...), the time loop itself in
+# C++ with the per-step products in torch's BLAS: at small sizes the Python loop costs more than the
+# arithmetic (at the demo's size, hidden 128, about two thirds of a HyperLSTM forward + backward).
+def _seq_loops(lib, like: torch.Tensor, low) -> "ctypes.CDLL | None":
+    """The library's sequence loops when they can run here: CPU kernels (not Triton), no mixed
+    precision (its products stay in torch), and torch's BLAS found."""
+    if low is not None or not isinstance(lib, ctypes.CDLL):
+        return None
+    return _kernels.sequence_loops()
+
+
+def _lstm_struct(sv: _Saved, norms, eps: float, mask, grads=None) -> "_kernels.Lstm":
+    gw, gb, cw, cb = norms
+    g = grads or {}
+    stats = (sv.gx, sv.grstd, sv.cmean, sv.crstd, sv.tc) if sv.ln else (None,) * 5
+    return _kernels.Lstm(sv.c.size(-1), float(eps), _p(gw), _p(gb), _p(cw), _p(cb), _p(mask), _p(sv.act),
+                         _p(sv.c), *(_p(t) for t in stats), _p(g.get("gw")), _p(g.get("gb")), _p(g.get("cw")),
+                         _p(g.get("cb")))
+
+
+def _sizes_tensor(batch_sizes):
+    return None if batch_sizes is None else torch.as_tensor(list(batch_sizes), dtype=torch.int64)
+
+
+def _loop_fn(lib, name: str, like: torch.Tensor):
+    return getattr(lib, f"{name}_{'f32' if like.dtype == torch.float32 else 'f64'}")
+
+
+def _hyper_forward_loops(lib, xw, xw_hat, h0, w_cat, w_hat_hh, z_weight, z_bias, d_weight, bias, norms, hnorms,
+                         mask, hmask, eps, hyper_eps, main, hyp, out, hh_all, z_all, batch_sizes, ws):
+    """The forward loop of _HyperLSTMFunction in one call; returns the per-step products
+    a_t = h_{t-1} @ [W_h; W_hat_h]^T, (T, B, 4H + 4Hh), kept for backward."""
+    T, B = xw.shape[:2]
+    H, Hh, Nz = h0.size(-1), hh_all.size(-1), d_weight.size(-1)
+    norms, hnorms = _contiguous(norms), _contiguous(hnorms)
+    mask, hmask = _contiguous((mask, hmask))
+    w_cat, w_hat_hh, z_weight = _contiguous((w_cat, w_hat_hh, z_weight))
+    zb = torch.cat([z_bias, z_bias.new_zeros(4 * Nz)])            # z_b has no bias
+    wd = d_weight.transpose(-1, -2).contiguous()                  # (3, 4, Nz, H): units innermost
+    bias = xw.new_zeros(4 * H) if bias is None else bias.contiguous()
+    a_all = ws.alloc("a_all", (T, B, 4 * H + 4 * Hh))
+    pre, hpre = xw.new_empty(B, 4 * H), xw.new_empty(B, 4 * Hh)
+    sizes = _sizes_tensor(batch_sizes)
+    p = _kernels.HyperSeq(T=T, B=B, H=H, Hh=Hh, Nz=Nz, batch_sizes=_p(sizes), xw=_p(xw), xw_hat=_p(xw_hat),
+                          h0=_p(h0), w_cat=_p(w_cat), w_hat_hh=_p(w_hat_hh), z_weight=_p(z_weight), zb=_p(zb),
+                          wd=_p(wd), bias=_p(bias), out=_p(out), hh_all=_p(hh_all), z_all=_p(z_all),
+                          a_all=_p(a_all), pre=_p(pre), hpre=_p(hpre),
+                          main=_lstm_struct(main, norms, eps, mask), hyp=_lstm_struct(hyp, hnorms, hyper_eps, hmask))
+    _loop_fn(lib, "hyper_seq_fwd", xw)(ctypes.byref(p))
+    return a_all
+
+
+def _hyper_backward_loops(lib, d_out, d_cT, d_hhT, d_chT, xw, h0, hh_all, z_all, w_cat, w_hat_hh, z_weight,
+                          d_weight, norms, hnorms, mask, hmask, main, hyp, a_all, grads, hgrads, has_bias,
+                          batch_sizes, ws):
+    """The backward loop of _HyperLSTMFunction in one call (what _hyper_backward_kernels returns)."""
+    T, B = xw.shape[:2]
+    H, Hh, Nz = h0.size(-1), hh_all.size(-1), d_weight.size(-1)
+    norms, hnorms = _contiguous(norms), _contiguous(hnorms)
+    mask, hmask = _contiguous((mask, hmask))
+    w_cat, w_hat_hh, z_weight = _contiguous((w_cat, w_hat_hh, z_weight))
+    packed = batch_sizes is not None  # padded rows enter the weight GEMMs
+    d_xw = (xw.new_zeros if packed else xw.new_empty)(xw.shape)  # returned: never a work buffer
+    d_a = ws.alloc("d_a", (T, B, 4 * H + 4 * Hh), zero=packed)
+    d_z = ws.alloc("d_z", z_all.shape, zero=packed)
+    wd = d_weight.transpose(-1, -2).contiguous()
+    g_wd = torch.zeros_like(wd)
+    g_bias = xw.new_zeros(4 * H) if has_bias else None
+
+    def start(g, S):  # the incoming gradient of a final state, as a buffer updated in place
+        return xw.new_zeros(B, S) if g is None else g.clone(memory_format=torch.contiguous_format)
+
+    dh, dc, dhh, dch = xw.new_zeros(B, H), start(d_cT, H), start(d_hhT, Hh), start(d_chT, Hh)
+    d_out = None if d_out is None else d_out.contiguous()
+    dpre = xw.new_empty(B, 4 * H)
+    sizes = _sizes_tensor(batch_sizes)
+    p = _kernels.HyperSeq(T=T, B=B, H=H, Hh=Hh, Nz=Nz, batch_sizes=_p(sizes), xw=_p(xw), w_cat=_p(w_cat),
+                          w_hat_hh=_p(w_hat_hh), z_weight=_p(z_weight), wd=_p(wd), z_all=_p(z_all),
+                          a_all=_p(a_all), d_out=_p(d_out), d_xw=_p(d_xw), d_a=_p(d_a), d_z=_p(d_z), dh=_p(dh),
+                          dc=_p(dc), dhh=_p(dhh), dch=_p(dch), dpre=_p(dpre), g_wd=_p(g_wd), g_bias=_p(g_bias),
+                          main=_lstm_struct(main, norms, 0.0, mask, grads),
+                          hyp=_lstm_struct(hyp, hnorms, 0.0, hmask, hgrads))
+    _loop_fn(lib, "hyper_seq_bwd", xw)(ctypes.byref(p))
+    return d_xw, d_a, d_z, dh, dc, dhh, dch, g_wd.transpose(-1, -2).contiguous(), g_bias
+
+
 def _hyper_forward_kernels(lib, xw, xw_hat, h0, w_cat, w_hat_hh, z_weight, z_bias, d_weight, bias, norms, hnorms,
                            mask, hmask, eps, hyper_eps, main, hyp, out, hh_all, z_all, a_list, batch_sizes):
     """The forward loop of _HyperLSTMFunction with the per-step elementwise work in the kernels:
@@ -612,7 +699,12 @@ class _HyperLSTMFunction(torch.autograd.Function):
         a_list = []  # h_{t-1} @ [W_h; W_hat_h]^T per step, kept for d(d_h) in backward
         lib = _kernels_for(xw)
         ctx.lib = lib
-        if lib is not None:
+        ctx.loops = loops = _seq_loops(lib, xw, ctx.low)
+        if loops is not None:
+            a_list = _hyper_forward_loops(loops, xw, xw_hat, h0, w_cat, w_hat_hh, z_weight, z_bias, d_weight, bias,
+                                          norms, hnorms, mask, hmask, eps, hyper_eps, main, hyp, out, hh_all, z_all,
+                                          batch_sizes, ws)
+        elif lib is not None:
             _hyper_forward_kernels(lib, xw, xw_hat, h0, w_cat, w_hat_hh, z_weight, z_bias, d_weight, bias,
                                    norms, hnorms, mask, hmask, eps, hyper_eps, main, hyp, out, hh_all, z_all, a_list,
                                    batch_sizes)
@@ -642,19 +734,22 @@ class _HyperLSTMFunction(torch.autograd.Function):
         ctx.ln = ln
         ctx.eps, ctx.hyper_eps = eps, hyper_eps
         ctx.has_bias = bias is not None
-        ctx.a_list = a_list  # intermediates, not inputs or outputs: may live on ctx
+        # the step loop's per-step products may live on ctx; the loops' one buffer is a pooled work
+        # buffer, saved so that autograd releases it after backward (unless the graph is retained)
+        pooled_a = a_list if loops is not None else None
+        ctx.a_list = None if loops is not None else a_list
         ctx.batch_sizes = batch_sizes
         ctx.save_for_backward(xw, h0, out, hh_all, z_all, w_cat, w_hat_hh, z_weight, d_weight,
                               gw, gb, cw, cb, hgw, hgb, hcw, hcb, mask, hmask,
-                              *main.tensors(), *hyp.tensors())
+                              pooled_a, *main.tensors(), *hyp.tensors())
         last = _last_steps(batch_sizes, T, B, xw.device)
         return out, main.c[last + 1, ar(B, xw)], hh_all[last + 1, ar(B, xw)], hyp.c[last + 1, ar(B, xw)]
 
     @staticmethod
     def _backward(ctx, d_out, d_cT, d_hhT, d_chT):
         (xw, h0, out, hh_all, z_all, w_cat, w_hat_hh, z_weight, d_weight,
-         gw, gb, cw, cb, hgw, hgb, hcw, hcb, mask, hmask, *rest) = ctx.saved_tensors
-        a_list = ctx.a_list
+         gw, gb, cw, cb, hgw, hgb, hcw, hcb, mask, hmask, pooled_a, *rest) = ctx.saved_tensors
+        a_list = ctx.a_list if pooled_a is None else pooled_a
         ln = ctx.ln
         k = 7 if ln else 2
         main = _Saved.from_tensors(rest[:k], ln)
@@ -664,7 +759,11 @@ class _HyperLSTMFunction(torch.autograd.Function):
         n = 4 * Nz
         norms, hnorms = (gw, gb, cw, cb), (hgw, hgb, hcw, hcb)
         grads, hgrads = _ln_grads(norms, H), _ln_grads(hnorms, Hh)
-        if ctx.lib is not None:
+        if ctx.loops is not None:
+            d_xw, d_a, d_z, dh, dc, dhh, dch, g_dw, g_bias = _hyper_backward_loops(
+                ctx.loops, d_out, d_cT, d_hhT, d_chT, xw, h0, hh_all, z_all, w_cat, w_hat_hh, z_weight, d_weight,
+                norms, hnorms, mask, hmask, main, hyp, a_list, grads, hgrads, ctx.has_bias, ctx.batch_sizes, ctx.ws)
+        elif ctx.lib is not None:
             d_xw, d_a, d_z, dh, dc, dhh, dch, g_dw, g_bias = _hyper_backward_kernels(
                 ctx.lib, d_out, d_cT, d_hhT, d_chT, xw, h0, out, hh_all, z_all, w_cat, w_hat_hh, z_weight,
                 d_weight, norms, hnorms, mask, hmask, main, hyp, a_list, grads, hgrads, ctx.has_bias,
@@ -675,16 +774,21 @@ class _HyperLSTMFunction(torch.autograd.Function):
                 norms, hnorms, mask, hmask, main, hyp, a_list, grads, hgrads)
         # Weight gradients: one product over all T * B rows each.
         TB = T * B
-        h_prev = torch.cat([h0.unsqueeze(0), out[:-1]]).view(TB, H)
         low = ctx.low
-        g_cat = _gemm(d_a.view(TB, -1).t(), h_prev, low)
-        d_xw_hat = d_a[:, :, 4 * H:]
-        g_hat_hh = _gemm(d_xw_hat.reshape(TB, 4 * Hh).t(), hh_all[:-1].reshape(TB, Hh), low)
+        d_a2 = d_a.view(TB, -1)
+        if low is None:  # h_{t-1} is h0, then out[:-1]: two products instead of a (T, B, H) copy
+            g_cat = torch.mm(d_a[0].t(), h0)
+            if T > 1:
+                g_cat.addmm_(d_a2[B:].t(), out[:-1].reshape((T - 1) * B, H))
+        else:
+            g_cat = _gemm(d_a2.t(), torch.cat([h0.unsqueeze(0), out[:-1]]).view(TB, H), low)
+        d_xw_hat = d_a[:, :, 4 * H:]  # a view: returned as it is, d_a's pool slot stays busy until it is used
+        g_hat_hh = _gemm(d_a2[:, 4 * H:].t(), hh_all[:-1].reshape(TB, Hh), low)
         g_zw = _gemm(d_z.view(TB, 3 * n).t(), hh_all[1:].reshape(TB, Hh), low)
         g_zb = d_z[:, :, :2 * n].sum((0, 1))
         ln_g = (grads.get("gw"), grads.get("gb"), grads.get("cw"), grads.get("cb"),
                 hgrads.get("gw"), hgrads.get("gb"), hgrads.get("cw"), hgrads.get("cb"))
-        return (d_xw, d_xw_hat.clone(), dh, dc, dhh, dch, g_cat, g_hat_hh, g_zw, g_zb, g_dw, g_bias,
+        return (d_xw, d_xw_hat, dh, dc, dhh, dch, g_cat, g_hat_hh, g_zw, g_zb, g_dw, g_bias,
                 *ln_g, None, None, None, None, None, None)
 
 
@@ -803,9 +907,16 @@ class _LSTMFunction(torch.autograd.Function):
         norms = (gw, gb, cw, cb)
         lib = _kernels_for(xw)
         ctx.lib = lib
+        ctx.loops = loops = _seq_loops(lib, xw, ctx.low)
         h = h0
         w_step = _step_weight(w_hh, B, T)
-        if lib is not None:
+        if loops is not None:
+            sizes, pre = _sizes_tensor(batch_sizes), xw.new_empty(B, 4 * H)
+            mask, w = _contiguous((mask, w_hh))
+            p = _kernels.LstmSeq(T=T, B=B, batch_sizes=_p(sizes), xw=_p(xw), h0=_p(h0), w_hh=_p(w), out=_p(out),
+                                 pre=_p(pre), lstm=_lstm_struct(sv, _contiguous(norms), eps, mask))
+            _loop_fn(loops, "lstm_seq_fwd", xw)(ctypes.byref(p))
+        elif lib is not None:
             k = _step_kernels(lib, xw)
             for t in range(T):
                 bt = B if batch_sizes is None else batch_sizes[t]
@@ -832,7 +943,16 @@ class _LSTMFunction(torch.autograd.Function):
         dh = out.new_zeros(B, H)
         dc = d_cT if d_cT is not None else out.new_zeros(B, H)
         w_t = _step_weight(w_hh.t(), B, T)
-        if ctx.lib is not None:
+        if ctx.loops is not None:
+            dc = dc.clone(memory_format=torch.contiguous_format)  # updated in place
+            d_out = d_out.contiguous() if d_out is not None else None
+            sizes = _sizes_tensor(ctx.batch_sizes)
+            mask, w = _contiguous((mask, w_hh))
+            p = _kernels.LstmSeq(T=T, B=B, batch_sizes=_p(sizes), h0=_p(h0), w_hh=_p(w), d_out=_p(d_out),
+                                 d_xw=_p(d_xw), dh=_p(dh), dc=_p(dc),
+                                 lstm=_lstm_struct(sv, _contiguous(norms), 0.0, mask, grads))
+            _loop_fn(ctx.loops, "lstm_seq_bwd", out)(ctypes.byref(p))
+        elif ctx.lib is not None:
             k = _step_kernels(ctx.lib, out)
             dc = dc.clone(memory_format=torch.contiguous_format)  # updated in place
             d_out = d_out.contiguous() if d_out is not None else None

@@ -128,7 +128,7 @@ def _lstm_gates_backward(dh: torch.Tensor, dc: torch.Tensor, acts, tc, c, dim: i
 def _step_kernels(x: torch.Tensor):
     """The package's compiled CPU step kernels (``hypernetworks.nn._kernels``, the ABI this file
     calls) for tensors like ``x``, or None: CUDA, other dtypes, no compiler, HYPERNETWORKS_KERNELS=0."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or _kernels.ABI_VERSION != 1:
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or _kernels.ABI_VERSION != 2:
         return None
     lib = _kernels.library()
     if lib is None:

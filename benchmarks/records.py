@@ -54,7 +54,9 @@ def conditions(**extra: Any) -> dict[str, Any]:
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:
         pass
-    return {"load_average_at_start": load, **extra}
+    # what else ran (e.g. "none: background trainings paused with SIGSTOP"), as the person measuring states it
+    other = os.environ.get("BENCHMARK_OTHER_PROCESSES")
+    return {"load_average_at_start": load, **({"other_processes": other} if other else {}), **extra}
 
 
 def command_line(argv: list[str] | None = None) -> str:

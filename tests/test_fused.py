@@ -381,6 +381,32 @@ def test_sequence_loops_need_mkl_and_can_be_switched_off(step_path, monkeypatch)
     assert res.stdout.split() == ["True", "None"]
 
 
+@pytest.mark.parametrize("dtype,ulps", [(torch.float64, 2.0), (torch.float32, 2.0)])
+def test_kernel_sigmoid_and_tanh_are_within_two_ulps(dtype, ulps, step_path):
+    """The kernels' own exp (Cephes-style, vectorisable) behind sigmoid and tanh: within 2 ulps of
+    torch's on [-30, 30], finite, and saturating correctly far beyond exp's range (|x| up to 1e4)."""
+    if step_path != "kernels":
+        pytest.skip("concerns only the compiled kernels, so it runs once, in the kernels variant")
+    fn = getattr(_kernels.library(), f"cell_fwd_{'f64' if dtype == torch.float64 else 'f32'}")
+    S = 8192
+    x = torch.cat([torch.linspace(-30, 30, S - 12, dtype=dtype),
+                   torch.tensor([-1e4, -800.0, -709.5, -100.0, -1e-30, 0.0, 1e-30, 1e-6, 100.0, 709.5, 800.0, 1e4],
+                                dtype=dtype)])
+    pre = x.repeat(4).view(1, 4 * S).contiguous()
+    c = torch.zeros(1, S, dtype=dtype)
+    act, c_new, h = torch.empty(1, 4 * S, dtype=dtype), torch.empty(1, S, dtype=dtype), torch.empty(1, S, dtype=dtype)
+    fn(1, S, pre.data_ptr(), 4 * S, None, 0, None, 0, None, None, None, None, 0.0, None, c.data_ptr(), act.data_ptr(),
+       c_new.data_ptr(), h.data_ptr(), S, None, None, None, None, None)
+    sig, tanh = act[0, :S], act[0, S:2 * S]
+    assert torch.isfinite(act).all() and torch.isfinite(h).all()
+    eps = torch.finfo(dtype).eps
+    inner = x.abs() <= 30
+    for got, want in ((sig, torch.sigmoid(x)), (tanh, torch.tanh(x))):
+        rel = ((got - want).abs() / want.abs().clamp_min(torch.finfo(dtype).tiny))[inner]
+        assert rel.max().item() <= ulps * eps, rel.max().item() / eps
+        torch.testing.assert_close(got[~inner], want[~inner], rtol=0, atol=1e-300 if dtype == torch.float64 else 1e-37)
+
+
 # -- building the kernels ------------------------------------------------------------------------
 def test_kernel_build_is_cached(tmp_path, monkeypatch, step_path):
     if step_path != "kernels":

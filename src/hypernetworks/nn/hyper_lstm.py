@@ -138,14 +138,9 @@ def _step_kernels(x: torch.Tensor):
 
 
 def _kernel_cell_fwd(fn, pre: torch.Tensor, c_prev: torch.Tensor):
-    """One plain LSTM update, pre (B, 4S) contiguous: (activations [i, tanh g, f, o] (B, 4S), c', h').
-    float32: the compiled kernel; float64: PyTorch's ops, whose vectorised float64 exp/tanh beat
-    the kernel's scalar libm calls (the backward stays in the kernel, which measured faster in the
-    step loop of benchmarks/cell_loop_speed.py than PyTorch's ops there)."""
+    """One plain LSTM update in the compiled kernel, pre (B, 4S) contiguous: (activations
+    [i, tanh g, f, o] (B, 4S), c', h')."""
     B, S = c_prev.shape
-    if pre.dtype == torch.float64:
-        acts, _, c_new, h_new = _lstm_gates_forward(pre.view(B, 4, S), c_prev, 1)
-        return acts.view(B, 4 * S), c_new, h_new
     act, c_new, h_new = pre.new_empty(B, 4 * S), pre.new_empty(B, S), pre.new_empty(B, S)
     fn(B, S, pre.data_ptr(), pre.stride(0), None, 0, None, 0, None, None, None, None, 0.0, None, c_prev.data_ptr(),
        act.data_ptr(), c_new.data_ptr(), h_new.data_ptr(), S, None, None, None, None, None)

@@ -362,6 +362,16 @@ def test_sequence_loops_run_and_equal_the_python_step_loop(kind, layer_norm, dro
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("embedding_size,hidden", [(1, 21), (5, 37), (8, 16), (9, 21), (17, 5)])
+def test_any_embedding_size_and_width_equals_eager(embedding_size, hidden, step_path):
+    """The kernels' register-blocked forms (N_z 1 to 8 at compile time, units in 64-byte blocks plus
+    a scalar tail) and the generic one (N_z > 8): outputs and every gradient equal to eager."""
+    torch.manual_seed(4)
+    m = HyperLSTM(I, hidden, hyper_size=6, embedding_size=embedding_size).double()
+    x = torch.randn(5, 3, I, dtype=torch.double)
+    assert_same(run(m, x, None, True), run(m, x, None, False))
+
+
 def test_sequence_loops_need_mkl_and_can_be_switched_off(step_path, monkeypatch):
     """Without MKL in torch's library (another BLAS, whose integer size is unknown) the loops stay
     off and the Python step loop runs; HYPERNETWORKS_SEQUENCE_LOOPS=0 switches them off too."""

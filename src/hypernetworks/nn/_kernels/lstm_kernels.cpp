@@ -12,6 +12,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 namespace {
 
@@ -279,54 +281,11 @@ void cell_bwd(int64_t B, int64_t S, const T* dh, const T* dh_add, const T* dc, c
 
 constexpr int64_t JB = 128;  // units per block: the (3, Nz, JB) slice of d_weight stays in L1
 
-// HyperLSTM main pre-activations: d_k = z_k @ W_k per gate (k = h, x, b), then
-//   pre = d_h * a + d_x * xw + d_b (+ bias)
-// a: (B, >= 4H) rows of stride a_s (h_{t-1} @ W_h^T); xw: (B, 4H); z: (B, 3, 4, Nz);
-// wd: (3, 4, Nz, H) (d_weight with its last two axes swapped); bias: (4H); pre: (B, 4H).
-template <typename T>
-void hyper_pre_fwd(int64_t B, int64_t H, int64_t Nz, const T* a, int64_t a_s, const T* xw, const T* z,
-                   const T* wd, const T* bias, T* pre) {
-    const int64_t G = 4 * H, n = 4 * Nz;
-    T d0[JB], d1[JB], d2[JB];
-    for (int64_t g = 0; g < 4; ++g) {
-        for (int64_t j0 = 0; j0 < H; j0 += JB) {
-            const int64_t len = (H - j0 < JB) ? H - j0 : JB;
-            const int64_t off = g * H + j0;
-            for (int64_t b = 0; b < B; ++b) {
-                const T* zr = z + b * 3 * n + g * Nz;
-                const T* ar = a + b * a_s + off;
-                const T* xr = xw + b * G + off;
-                T* pr = pre + b * G + off;
-#pragma omp simd
-                for (int64_t j = 0; j < len; ++j) {
-                    d0[j] = 0;
-                    d1[j] = 0;
-                    d2[j] = bias[off + j];
-                }
-                for (int64_t q = 0; q < Nz; ++q) {
-                    const T z0 = zr[q], z1 = zr[n + q], z2 = zr[2 * n + q];
-                    const T* w0 = wd + ((0 * 4 + g) * Nz + q) * H + j0;
-                    const T* w1 = wd + ((1 * 4 + g) * Nz + q) * H + j0;
-                    const T* w2 = wd + ((2 * 4 + g) * Nz + q) * H + j0;
-#pragma omp simd
-                    for (int64_t j = 0; j < len; ++j) {
-                        d0[j] += z0 * w0[j];
-                        d1[j] += z1 * w1[j];
-                        d2[j] += z2 * w2[j];
-                    }
-                }
-#pragma omp simd
-                for (int64_t j = 0; j < len; ++j) pr[j] = d2[j] + ar[j] * d0[j] + xr[j] * d1[j];
-            }
-        }
-    }
-}
-
-// Backward of hyper_pre_fwd for dpre (B, 4H): writes d_a (rows of stride da_s; d(a) = dpre * d_h),
+// Backward of hyper_pre_fwd (below) for dpre (B, 4H) and any N_z (hyper_pre_bwd uses it for N_z > 8): writes d_a (rows of stride da_s; d(a) = dpre * d_h),
 // d_xw (B, 4H), dz (B, 3, 4, Nz); accumulates g_wd (3, 4, Nz, H) and g_bias (4H, nullable).
 template <typename T>
-void hyper_pre_bwd(int64_t B, int64_t H, int64_t Nz, const T* dpre, const T* a, int64_t a_s, const T* xw,
-                   const T* z, const T* wd, T* d_a, int64_t da_s, T* d_xw, T* dz, T* g_wd, T* g_bias) {
+void hyper_pre_bwd_generic(int64_t B, int64_t H, int64_t Nz, const T* dpre, const T* a, int64_t a_s, const T* xw,
+                           const T* z, const T* wd, T* d_a, int64_t da_s, T* d_xw, T* dz, T* g_wd, T* g_bias) {
     // Rows go in groups of RB so that each g_wd element is loaded and stored once per group, not
     // once per row (this loop is bound by those loads and stores).
     constexpr int64_t RB = 4;
@@ -408,6 +367,198 @@ void hyper_pre_bwd(int64_t B, int64_t H, int64_t Nz, const T* dpre, const T* a, 
                 }
             }
         }
+    }
+}
+
+// -- hyper_pre_fwd / hyper_pre_bwd in register blocks ---------------------------------------------
+// The same arithmetic as the generic versions above, written on 64-byte vectors (GCC/Clang vector
+// extensions: one AVX-512 register, two AVX2 ones, four NEON ones) so that the short sums over N_z stay
+// in registers: a unit block's d_h, d_x, b(z) in three accumulators (forward); in backward the
+// gradients of z in 3 N_z per-row accumulators (one horizontal sum per row), and the projections'
+// gradients in a second pass that runs over the rows inside each unit block, so that each g_wd block
+// is read and written once per call instead of once per row group. The tail of H that fills no vector
+// runs the same code on scalars.
+template <typename T>
+struct VecOf {
+    typedef T type __attribute__((vector_size(64)));
+};
+template <typename T>
+using Vec = typename VecOf<T>::type;
+template <typename T>
+constexpr int64_t kLanes = 64 / sizeof(T);
+
+template <typename W, typename T>
+inline W ld(const T* p) {
+    if constexpr (std::is_same_v<W, T>) {
+        return *p;
+    } else {
+        W v;
+        std::memcpy(&v, p, sizeof v);
+        return v;
+    }
+}
+template <typename W, typename T>
+inline void st(T* p, W v) {
+    if constexpr (std::is_same_v<W, T>) {
+        *p = v;
+    } else {
+        std::memcpy(p, &v, sizeof v);
+    }
+}
+template <typename T, int Bytes>
+struct VecN {
+    typedef T type __attribute__((vector_size(Bytes)));
+};
+// Sum of a vector's lanes by halving (64 -> 32 -> 16 bytes, then the last lanes).
+template <typename T>
+inline T hsum(Vec<T> v) {
+    typename VecN<T, 32>::type lo, hi;
+    std::memcpy(&lo, &v, 32);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
+    lo += hi;
+    typename VecN<T, 16>::type l2, h2;
+    std::memcpy(&l2, &lo, 16);
+    std::memcpy(&h2, reinterpret_cast<const char*>(&lo) + 16, 16);
+    l2 += h2;
+    T s = 0;
+    for (int64_t i = 0; i < int64_t(16 / sizeof(T)); ++i) s += l2[i];
+    return s;
+}
+
+// pre[j] = b(z)[j] + a[j] d_h[j] + xw[j] d_x[j] for the units j .. j + width(W) of one row and gate.
+template <typename W, typename T>
+inline void pre_fwd_block(int64_t j, int64_t H, int64_t Nz, const T* z0, const T* z1, const T* z2, const T* w0,
+                          const T* w1, const T* w2, const T* bg, const T* ar, const T* xr, T* pr) {
+    W d0 = W{}, d1 = W{}, d2 = ld<W>(bg + j);
+    for (int64_t q = 0; q < Nz; ++q) {
+        d0 += z0[q] * ld<W>(w0 + q * H + j);
+        d1 += z1[q] * ld<W>(w1 + q * H + j);
+        d2 += z2[q] * ld<W>(w2 + q * H + j);
+    }
+    st<W>(pr + j, d2 + ld<W>(ar + j) * d0 + ld<W>(xr + j) * d1);
+}
+
+// HyperLSTM main pre-activations: d_k = z_k @ W_k per gate (k = h, x, b), then
+//   pre = d_h * a + d_x * xw + d_b (+ bias)
+// a: (B, >= 4H) rows of stride a_s (h_{t-1} @ W_h^T); xw: (B, 4H); z: (B, 3, 4, Nz);
+// wd: (3, 4, Nz, H) (d_weight with its last two axes swapped); bias: (4H); pre: (B, 4H).
+template <typename T>
+void hyper_pre_fwd(int64_t B, int64_t H, int64_t Nz, const T* a, int64_t a_s, const T* xw, const T* z,
+                   const T* wd, const T* bias, T* pre) {
+    using V = Vec<T>;
+    constexpr int64_t L = kLanes<T>;
+    const int64_t G = 4 * H, n = 4 * Nz;
+    for (int64_t g = 0; g < 4; ++g) {  // gate-major: the gate's (3, Nz, H) slice of wd stays in L1
+        const T *w0 = wd + (0 * 4 + g) * Nz * H, *w1 = wd + (1 * 4 + g) * Nz * H, *w2 = wd + (2 * 4 + g) * Nz * H;
+        const T* bg = bias + g * H;
+        for (int64_t b = 0; b < B; ++b) {
+            const T* z0 = z + b * 3 * n + g * Nz;
+            const T *ar = a + b * a_s + g * H, *xr = xw + b * G + g * H;
+            T* pr = pre + b * G + g * H;
+            int64_t j = 0;
+            for (; j + 2 * L <= H; j += 2 * L) {  // two independent blocks: more FMAs in flight
+                pre_fwd_block<V>(j, H, Nz, z0, z0 + n, z0 + 2 * n, w0, w1, w2, bg, ar, xr, pr);
+                pre_fwd_block<V>(j + L, H, Nz, z0, z0 + n, z0 + 2 * n, w0, w1, w2, bg, ar, xr, pr);
+            }
+            for (; j + L <= H; j += L) pre_fwd_block<V>(j, H, Nz, z0, z0 + n, z0 + 2 * n, w0, w1, w2, bg, ar, xr, pr);
+            for (; j < H; ++j) pre_fwd_block<T>(j, H, Nz, z0, z0 + n, z0 + 2 * n, w0, w1, w2, bg, ar, xr, pr);
+        }
+    }
+}
+
+// Pass 1 of the backward for units j .. j + width(W) of one row and gate: d_a, d_xw, the parts of
+// dz (into acc: 3 Nz accumulators) and dpre * a, dpre * xw (into e0, e1 for pass 2).
+template <int64_t Nz, typename W, typename T>
+inline void pre_bwd_block(int64_t j, int64_t H, const T* z0, const T* z1, const T* w0, const T* w1,
+                          const T* w2, const T* dp, const T* ar, const T* xr, T* dar, T* dxr, T* e0, T* e1, W* acc) {
+    const W g = ld<W>(dp + j), x0 = g * ld<W>(ar + j), x1 = g * ld<W>(xr + j);
+    W d0 = W{}, d1 = W{};
+    for (int64_t q = 0; q < Nz; ++q) {
+        const W u0 = ld<W>(w0 + q * H + j), u1 = ld<W>(w1 + q * H + j);
+        d0 += z0[q] * u0;
+        d1 += z1[q] * u1;
+        acc[q] += x0 * u0;
+        acc[Nz + q] += x1 * u1;
+        acc[2 * Nz + q] += g * ld<W>(w2 + q * H + j);
+    }
+    st<W>(dar + j, g * d0);
+    st<W>(dxr + j, g * d1);
+    st<W>(e0 + j, x0);
+    st<W>(e1 + j, x1);
+}
+
+// Pass 2: g_wd[k, g, q, j..] += sum over rows of z_k[b, q] e_k[b, j..] (e_2 = dpre), g_bias += sum of dpre.
+template <int64_t Nz, typename W, typename T>
+inline void pre_bwd_weights(int64_t j, int64_t B, int64_t H, int64_t n, int64_t G, const T* zg,
+                            const T* e0, const T* e1, const T* dpg, T* gw0, T* gw1, T* gw2, T* gb) {
+    W acc[3 * Nz] = {};
+    W sb = W{};
+    for (int64_t b = 0; b < B; ++b) {
+        const T* zr = zg + b * 3 * n;
+        const W x0 = ld<W>(e0 + b * H + j), x1 = ld<W>(e1 + b * H + j), x2 = ld<W>(dpg + b * G + j);
+        sb += x2;
+        for (int64_t q = 0; q < Nz; ++q) {
+            acc[q] += zr[q] * x0;
+            acc[Nz + q] += zr[n + q] * x1;
+            acc[2 * Nz + q] += zr[2 * n + q] * x2;
+        }
+    }
+    for (int64_t q = 0; q < Nz; ++q) {
+        st<W>(gw0 + q * H + j, ld<W>(gw0 + q * H + j) + acc[q]);
+        st<W>(gw1 + q * H + j, ld<W>(gw1 + q * H + j) + acc[Nz + q]);
+        st<W>(gw2 + q * H + j, ld<W>(gw2 + q * H + j) + acc[2 * Nz + q]);
+    }
+    if (gb) st<W>(gb + j, ld<W>(gb + j) + sb);
+}
+
+template <int64_t Nz, typename T>
+void hyper_pre_bwd_nz(int64_t B, int64_t H, const T* dpre, const T* a, int64_t a_s, const T* xw, const T* z,
+                      const T* wd, T* d_a, int64_t da_s, T* d_xw, T* dz, T* g_wd, T* g_bias) {
+    using V = Vec<T>;
+    constexpr int64_t L = kLanes<T>;
+    const int64_t G = 4 * H, n = 4 * Nz;
+    thread_local std::vector<T> scratch;  // e0, e1 of one gate: (B, H) each
+    if (scratch.size() < size_t(2 * B * H)) scratch.resize(2 * B * H);
+    T *e0 = scratch.data(), *e1 = e0 + B * H;
+    for (int64_t g = 0; g < 4; ++g) {
+        const T *w0 = wd + (0 * 4 + g) * Nz * H, *w1 = wd + (1 * 4 + g) * Nz * H, *w2 = wd + (2 * 4 + g) * Nz * H;
+        for (int64_t b = 0; b < B; ++b) {
+            const T* z0 = z + b * 3 * n + g * Nz;
+            const T *dp = dpre + b * G + g * H, *ar = a + b * a_s + g * H, *xr = xw + b * G + g * H;
+            T *dar = d_a + b * da_s + g * H, *dxr = d_xw + b * G + g * H;
+            V acc[3 * Nz] = {};
+            T acc_s[3 * Nz] = {};
+            int64_t j = 0;
+            for (; j + L <= H; j += L)
+                pre_bwd_block<Nz, V>(j, H, z0, z0 + n, w0, w1, w2, dp, ar, xr, dar, dxr, e0 + b * H, e1 + b * H, acc);
+            for (; j < H; ++j)
+                pre_bwd_block<Nz, T>(j, H, z0, z0 + n, w0, w1, w2, dp, ar, xr, dar, dxr, e0 + b * H, e1 + b * H, acc_s);
+            T* dzr = dz + b * 3 * n + g * Nz;
+            for (int64_t k = 0; k < 3; ++k)
+                for (int64_t q = 0; q < Nz; ++q) dzr[k * n + q] = hsum<T>(acc[k * Nz + q]) + acc_s[k * Nz + q];
+        }
+        T *gw0 = g_wd + (0 * 4 + g) * Nz * H, *gw1 = g_wd + (1 * 4 + g) * Nz * H, *gw2 = g_wd + (2 * 4 + g) * Nz * H;
+        T* gb = g_bias ? g_bias + g * H : nullptr;
+        const T* zg = z + g * Nz;
+        const T* dpg = dpre + g * H;
+        int64_t j = 0;
+        for (; j + L <= H; j += L) pre_bwd_weights<Nz, V>(j, B, H, n, G, zg, e0, e1, dpg, gw0, gw1, gw2, gb);
+        for (; j < H; ++j) pre_bwd_weights<Nz, T>(j, B, H, n, G, zg, e0, e1, dpg, gw0, gw1, gw2, gb);
+    }
+}
+
+// N_z as a compile-time constant, so that the 3 N_z accumulators are registers; other N_z: the generic kernel.
+template <typename T>
+void hyper_pre_bwd(int64_t B, int64_t H, int64_t Nz, const T* dpre, const T* a, int64_t a_s, const T* xw,
+                   const T* z, const T* wd, T* d_a, int64_t da_s, T* d_xw, T* dz, T* g_wd, T* g_bias) {
+    switch (Nz) {
+#define HN_NZ(K) \
+    case K:      \
+        return hyper_pre_bwd_nz<K, T>(B, H, dpre, a, a_s, xw, z, wd, d_a, da_s, d_xw, dz, g_wd, g_bias);
+        HN_NZ(1) HN_NZ(2) HN_NZ(3) HN_NZ(4) HN_NZ(5) HN_NZ(6) HN_NZ(7) HN_NZ(8)
+#undef HN_NZ
+        default:
+            return hyper_pre_bwd_generic<T>(B, H, Nz, dpre, a, a_s, xw, z, wd, d_a, da_s, d_xw, dz, g_wd, g_bias);
     }
 }
 

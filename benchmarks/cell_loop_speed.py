@@ -4,6 +4,7 @@
     python benchmarks/cell_loop_speed.py --quick       # smoke run
     python benchmarks/cell_loop_speed.py --dtype float32 --clock cpu   # float32; process CPU time (loaded machine)
     python benchmarks/cell_loop_speed.py --sequence    # also the sequence layers at the demo's size
+    python benchmarks/cell_loop_speed.py --sequence --processes 5   # ... in 5 fresh processes (median, range)
 
 The loop is that of PyTorch's public time-series example (``time_sequence_prediction``): two
 stacked cells (input 1 -> hidden 51 -> hidden 51) and a linear read-out, float64, batch 97, a
@@ -21,8 +22,10 @@ from other processes spreads evenly over them), on one thread unless ``--threads
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -129,6 +132,17 @@ def _table(title: str, times: dict[str, float], ref: str, record: str | None = N
     print()
 
 
+def _in_processes(args, repeats: int) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """The sequence timings of ``args.processes`` fresh processes, one after another: (the process
+    with the median ratio, all of them)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--sequence-child", "--threads", str(args.threads),
+           "--clock", args.clock, "--repeats", str(repeats)] + (["--quick"] if args.quick else [])
+    runs = [json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+            for _ in range(args.processes)]
+    order = sorted(runs, key=lambda r: r["HyperLSTM"] / r["torch.nn.LSTM"])
+    return order[len(order) // 2], runs
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="few steps and rounds: a smoke run")
@@ -143,10 +157,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="the loop's dtype (default float64, as the time-series example)")
     p.add_argument("--steps", type=int, default=None, help="time steps of the loop (default 300, quick 20)")
     p.add_argument("--sequence", action="store_true", help="also time HyperLSTM vs torch.nn.LSTM at the demo's size")
+    p.add_argument("--processes", type=int, default=1, metavar="N",
+                   help="time the sequence layers in N fresh processes (each its own interleaved rounds) and "
+                        "report the median process with the range of the ratio over them (default 1)")
+    p.add_argument("--sequence-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--record", default=None, metavar="PATH",
                    help="write the step-loop table as a record at PATH (and the --sequence table at PATH with "
                         "-sequence before .json), e.g. results/speed/cell-loop.json")
     args = p.parse_args(argv)
+    if args.sequence_child:  # one process of --processes: the sequence timings as JSON
+        torch.set_num_threads(args.threads)
+        size = SEQUENCE_QUICK if args.quick else SEQUENCE
+        print(json.dumps(time_sequence(size, args.repeats or (3 if args.quick else 15), args.clock)))
+        return 0
     started = None
     if args.record:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -169,10 +192,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.sequence:
         size = SEQUENCE_QUICK if args.quick else SEQUENCE
         desc = ", ".join(f"{k}={v}" for k, v in size.items())
-        _table(f"Sequence layer, float32, fwd+bwd, {desc}; {head}",
-               time_sequence(size, repeats, args.clock), "torch.nn.LSTM",
+        values = {"size": size, "repeats": repeats}
+        if args.processes > 1:
+            times, runs = _in_processes(args, repeats)
+            ratios = [r["HyperLSTM"] / r["torch.nn.LSTM"] for r in runs]
+            values.update(processes=args.processes, ratios=ratios)
+            head_seq = (f"{head}; the median of {args.processes} fresh processes (ratio over them "
+                        f"{min(ratios):.2f}x to {max(ratios):.2f}x)")
+        else:
+            times, head_seq = time_sequence(size, repeats, args.clock), head
+        _table(f"Sequence layer, float32, fwd+bwd, {desc}; {head_seq}", times, "torch.nn.LSTM",
                args.record and str(Path(args.record).with_name(Path(args.record).stem + "-sequence.json")), started,
-               {"size": size, "repeats": repeats})
+               values)
     return 0
 
 

@@ -64,18 +64,32 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data", default=None, help="folder with ptb.char.*.txt (default: the data folder's ptb/)")
     p.add_argument("--out", default=None, help="write the results here as JSON")
+    p.add_argument("--record", default=None, metavar="PATH",
+                   help="write the table as a record (benchmarks/records.py) at PATH, e.g. "
+                        "results/mixed-precision/ln-hyperlstm-seed0.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    started = None
+    if args.record:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from records import conditions
+
+        started = conditions(torch_threads=args.threads, device=args.device)
     rows = [train_one(prec, args) for prec in args.precisions]
     base = rows[0]["val_bpc"]
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} thread(s)"
     print(f"\n{args.cell} hidden {args.hidden} hyper {args.hyper}, batch {args.batch} x {args.seq_len}, "
           f"{args.steps} steps, lr {args.lr}, seed {args.seed}; validation bpc on {args.val_batches} batches; "
           f"{where}; torch {torch.__version__}\n")
-    print("| precision | val bpc | - first | train bpc (last step) | seconds |\n|---|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['precision']} | {r['val_bpc']:.4f} | {r['val_bpc'] - base:+.4f} | {r['train_bpc']:.3f} | "
-              f"{r['seconds']:.0f} |")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from records import emit_table
+
+    emit_table(["precision", "val bpc", "- first", "train bpc (last step)", "seconds"],
+               [[r["precision"], f"{r['val_bpc']:.4f}", f"{r['val_bpc'] - base:+.4f}", f"{r['train_bpc']:.3f}",
+                 f"{r['seconds']:.0f}"] for r in rows], args.record,
+               title=f"{args.cell} hidden {args.hidden} hyper {args.hyper}, batch {args.batch} x {args.seq_len}, "
+                     f"{args.steps} steps, lr {args.lr}, seed {args.seed}; validation bpc on {args.val_batches} "
+                     f"batches; {where}", started=started, values={"rows": rows, "args": vars(args)})
     gap = max(abs(r["val_bpc"] - base) for r in rows)
     print(f"\nlargest |val bpc - {rows[0]['precision']}|: {gap:.4f}")
     if args.out:

@@ -51,6 +51,7 @@ class Table:
     at_steps: tuple[int, ...] = ()  # report the metric at these steps (one column each), not only the last
     validate_args: tuple[str, ...] = ()  # also `hypernetworks validate` last.ckpt with these arguments ...
     validate_column: str = ""            # ... and report its `metric` in this column
+    also: tuple[tuple[str, str], ...] = ()  # (logged metric, column): its last value (e.g. from the test run)
 
 
 _PTB_SMALL = [
@@ -99,6 +100,19 @@ TABLES: dict[str, Table] = {
              ("--model.init_args.model", "iam-ln-hyperlstm-900"), paper="-1,067")],
         metric="val_loss", metric_column="val log-loss, 150 steps", fmt="{:.1f}", paper_column="paper (900 units)",
         validate_args=("--data.max_len", "null"), validate_column="val log-loss, full lines"),
+    "multi30k": Table(
+        "Multi30k En->Fr, 2+2 layers of 128 with additive attention, 600 steps of 128 sentences (about 2.6 "
+        "epochs), seed 0; test_2016_flickr, beam 5, last checkpoint",
+        [Row(key, label, f"configs/multi30k-gnmt-{cfg}.yaml", ("--trainer.max_steps", "600") + extra)
+         for key, label, cfg, extra in (
+             ("lstm", "LSTM", "lstm", ()),
+             ("lstm-wide", "LSTM 156 (LN HyperLSTM's parameter count)", "lstm",
+              ("--model.init_args.model_args", "{hidden_size: 156}")),
+             ("ln-lstm", "LN LSTM", "ln-lstm", ()),
+             ("hyperlstm", "HyperLSTM (hyper 32, N_z 8)", "hyperlstm", ()),
+             ("ln-hyperlstm", "LN HyperLSTM (hyper 32, N_z 8)", "ln-hyperlstm", ()))],
+        metric="val_ppl", metric_column="val ppl @{}", at_steps=(300, 600), fmt="{:.1f}", test=True,
+        test_ckpt="last", also=(("test_bleu", "test BLEU @600"),)),
     "mnist-cpu": Table(
         "MNIST, static hypernetwork, 5 epochs of batch 100, seed 0",
         [Row("hyper", "mnist-hyper (layer 2 generated, N_z 4)", "configs/mnist-hyper-cpu.yaml", paper="0.76%"),
@@ -173,7 +187,14 @@ def run_row(name: str, table: Table, row: Row, runs_root: Path, log_dir: Path) -
     missing = [s for s in table.at_steps if s not in at]
     if missing:
         raise SystemExit(f"{run_name}: no {table.metric} logged at steps {missing}, see {log}")
+    also = {}
+    for metric, _ in table.also:
+        logged = [r for r in _metrics(run_dir) if metric in r]
+        if not logged:
+            raise SystemExit(f"{run_name}: no {metric} logged, see {log}")
+        also[metric] = float(logged[-1][metric])
     return {"value": float(rows[-1][table.metric]), "step": int(float(rows[-1].get("step", 0))), "at_steps": at,
+            "also": also,
             "params": _params(last), **run_info, "run": str(run_dir), "overrides": list(row.overrides),
             "validated": validated}
 
@@ -187,6 +208,7 @@ def cmd_run(a) -> int:
                    "load_average_at_run_starts": f"{min(loads):g} to {max(loads):g}" if loads else None}
         metric_columns = [table.metric_column.format(s) for s in table.at_steps] or [table.metric_column]
         metric_columns += [table.validate_column] if table.validate_args else []
+        metric_columns += [column for _, column in table.also]
         columns = ["model", "params", *metric_columns] + ([table.paper_column] if table.paper_column else [])
         out_rows = []
         for row in table.rows:
@@ -194,7 +216,8 @@ def cmd_run(a) -> int:
             vals = ([r["at_steps"][s] for s in table.at_steps] or [r["value"]]) + (
                 [r["validated"]] if table.validate_args else [])
             vals = [1 - v for v in vals] if table.metric.endswith("acc") else vals
-            out_rows.append([row.label, f"{r['params']:,}", *(table.fmt.format(v) for v in vals)] +
+            out_rows.append([row.label, f"{r['params']:,}", *(table.fmt.format(v) for v in vals),
+                             *(f"{r['also'][m]:.2f}" for m, _ in table.also)] +
                             ([row.paper] if table.paper_column else []))
         path = write_record(REPO / "results" / "tables" / f"{name}.json", name=name, title=table.title,
                             columns=columns, rows=out_rows, values=results, started=started,

@@ -11,7 +11,8 @@ A table in a page is marked by the source it is rebuilt from::
 
 Sources: ``record:<path>`` (a table record written by the command that measured it, see
 ``benchmarks/records.py``; rendered with a line naming the record, its command, date and
-machine), ``study:<name>`` (a study of ``benchmarks/converged_study.py``, from its per-run
+machine), ``records:<path>,<path>,...`` (one-row records with the same columns joined into one table,
+e.g. the server load runs of ``benchmarks/serve_load.py --record``), ``study:<name>`` (a study of ``benchmarks/converged_study.py``, from its per-run
 records), ``study-budgets`` (the PTB study's test bpc at the 4-epoch cap, 12-epoch cap and
 plateau) and ``channels-standin`` (the CIFAR-10 stand-in of ``benchmarks/channels_standin.py``, from
 ``results/channels/*.json``, seeds averaged). Nothing but ``results/`` is read, so the tables in the pages are exactly what the records say.
@@ -63,6 +64,21 @@ def render_record(path: Path) -> str:
     return "\n".join(lines) + f"\n\n*Record `{rel}`: `{rec['command']}` ({when}).*\n"
 
 
+def render_records(paths: list[Path]) -> str:
+    """Several one-table records with the same columns as one table: their rows in order, then one
+    line per record naming it, its command, date and conditions."""
+    first = _module("records").read_record(paths[0])
+    body, notes = [], []
+    for path in paths:
+        table, _, note = render_record(path).partition("\n\n")
+        lines = table.split("\n")
+        if lines[0] != "| " + " | ".join(first["columns"]) + " |":
+            raise ValueError(f"{path}: columns differ from {paths[0]}'s")
+        body += lines[2:]
+        notes.append(note.strip())
+    return "\n".join(render_record(paths[0]).split("\n")[:2] + body) + "\n\n" + "\n".join(notes) + "\n"
+
+
 def render_study(results: Path, study: str) -> str:
     return _module("converged_study").table(results, study)
 
@@ -84,6 +100,8 @@ def render(source: str, results: Path) -> str:
     kind, _, arg = source.strip().partition(":")
     if kind == "record":
         return render_record(REPO / arg)
+    if kind == "records":
+        return render_records([REPO / p.strip() for p in arg.split(",")])
     if kind == "study":
         return render_study(results, arg)
     if kind == "study-budgets":
@@ -93,7 +111,8 @@ def render(source: str, results: Path) -> str:
 
         records = {p.stem: json.loads(p.read_text()) for p in sorted((results / "channels").glob("*.json"))}
         return _module("channels_standin").table(records)
-    raise ValueError(f"unknown table source {source!r} (record:<path>, study:<name>, study-budgets, channels-standin)")
+    raise ValueError(f"unknown table source {source!r} (record:<path>, records:<paths>, study:<name>, "
+                     "study-budgets, channels-standin)")
 
 
 def rebuild(text: str, results: Path) -> str:

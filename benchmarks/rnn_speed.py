@@ -151,7 +151,8 @@ def time_models(names, size, device, repeats: int, clock: str = "wall", packed: 
     return {n: statistics.median(v) for n, v in times.items()}
 
 
-def compare_autocast(names, size, device, repeats: int, clock: str, dtype) -> None:
+def compare_autocast(names, size, device, repeats: int, clock: str, dtype, record: str | None = None,
+                     started=None) -> None:
     """Each model in float32 and under autocast, the two interleaved within each round."""
     x = make_input(size, device, False)
     torch.manual_seed(0)
@@ -176,12 +177,16 @@ def compare_autocast(names, size, device, repeats: int, clock: str, dtype) -> No
     load = f"; load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     print(f"fwd+bwd, {', '.join(f'{k}={v}' for k, v in size.items())}; {where}; torch {torch.__version__}; "
           f"median of {repeats} interleaved rounds; {clock} clock{load}\n")
-    print(f"| model | float32 (s) | ratio | {low} autocast (s) | ratio | {low} / float32 |")
-    print("|---|---:|---:|---:|---:|---:|")
     b32, blow = med[(names[0], "float32")], med[(names[0], low)]
-    for n in names:
-        t32, tlow = med[(n, "float32")], med[(n, low)]
-        print(f"| {n} | {t32:.3f} | {t32 / b32:.2f}x | {tlow:.3f} | {tlow / blow:.2f}x | {tlow / t32:.2f} |")
+    rows = [[n, f"{med[(n, 'float32')]:.3f}", f"{med[(n, 'float32')] / b32:.2f}x", f"{med[(n, low)]:.3f}",
+             f"{med[(n, low)] / blow:.2f}x", f"{med[(n, low)] / med[(n, 'float32')]:.2f}"] for n in names]
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from records import emit_table
+
+    emit_table(["model", "float32 (s)", "ratio", f"{low} autocast (s)", "ratio", f"{low} / float32"], rows, record,
+               title=f"fwd+bwd, {', '.join(f'{k}={v}' for k, v in size.items())}; {where}; float32 and {low} "
+                     f"autocast; median of {repeats} interleaved rounds; {clock} clock",
+               started=started, values={"seconds": {f"{n} {k}": v for (n, k), v in med.items()}, "size": size})
 
 
 def _status_bytes(field: str) -> int:
@@ -347,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("--compare-autocast needs --autocast bf16 or fp16")
         names = list(args.models or ("torch.nn.LSTM", "LN LSTM", "HyperLSTM", "LN HyperLSTM"))
         dtype, AUTOCAST["dtype"] = AUTOCAST["dtype"], None
-        compare_autocast(names, size, device, args.repeats or (3 if args.quick else 5), args.clock, dtype)
+        compare_autocast(names, size, device, args.repeats or (3 if args.quick else 5), args.clock, dtype,
+                         args.record, started)
         return 0
 
     if args.memory_of:

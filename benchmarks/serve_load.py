@@ -230,7 +230,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flood-settle", type=float, default=5.0, help="seconds of flood before the burst")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="an option for the server, e.g. --server-arg=--header-timeout=5 (repeatable)")
+    p.add_argument("--record", default=None, metavar="PATH",
+                   help="write the run as a one-row table record (benchmarks/records.py) at PATH, e.g. "
+                        "results/serve/json-defaults.json; benchmarks/report.py joins such records into one table")
+    p.add_argument("--label", default=None, help="the record's row label (default: the endpoint and server options)")
     args = p.parse_args(argv)
+    started = None
+    if args.record:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from records import conditions
+
+        started = conditions(omp_num_threads=os.environ.get("OMP_NUM_THREADS", "unset"))
     if not 1 <= args.requests <= 500:
         p.error("--requests must be in 1..500")
     if not 0 <= args.flood <= 2000:
@@ -271,8 +281,35 @@ def main(argv: list[str] | None = None) -> int:
                  f" (one byte every {args.drip:g} s, burst after {args.flood_settle:g} s)" if args.flood else ""))
         for k, v in summary.items():
             print(f"  {k:<18} {round(v, 3) if isinstance(v, float) else v}")
+    if args.record:
+        _write_record(args, summary, started)
     ok = summary["errors"] == 0 and set(summary["status"]) <= {200, 503}
     return 0 if ok else 1
+
+
+def _pair(a, b) -> str:
+    return "–" if a is None else f"{a:.2f} s / {b:.2f} s"
+
+
+def _write_record(args, summary: dict, started: dict) -> None:
+    from records import write_record
+
+    label = args.label or (f"`/api/generate{'/stream' if args.endpoint == 'stream' else ''}`, --workers {args.workers}"
+                           f" --queue {args.queue}" + (f", flood of {args.flood}" if args.flood else "")
+                           + (" " + " ".join(args.server_arg) if args.server_arg else ""))
+    answers = ", ".join(f"{n} × {code}" for code, n in sorted(summary["status"].items()))
+    flood = summary.get("flood")
+    held = "–" if not flood else (f"{flood['max_open']} held at most; server answers "
+                                  + ", ".join(f"{v} × {k}" for k, v in flood["closed_by_server"].items()))
+    row = [label, str(summary["errors"]), answers or "–", _pair(summary["p50_200_s"], summary["p95_200_s"]),
+           _pair(summary["p50_503_s"], summary["p95_503_s"]),
+           _pair(summary["p50_first_step_s"], summary["p95_first_step_s"]), held]
+    write_record(args.record, name=Path(args.record).stem,
+                 title=f"{args.requests} simultaneous requests, length {args.length}", started=started,
+                 columns=["conditions", "connection errors", "answers", "p50 / p95 of the 200s",
+                          "p50 / p95 of the 503s", "p50 / p95 first steps", "flood connections"],
+                 rows=[row], values=summary)
+    print(f"wrote {args.record}")
 
 
 if __name__ == "__main__":

@@ -335,6 +335,12 @@ class _HyperStep(torch.autograd.Function):
         return (None, *out)
 
 
+def _same_device(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.is_cpu:  # the common case, without comparing torch.device objects (several us each)
+        return b.is_cpu
+    return a.device == b.device
+
+
 class HyperLSTMCell(nn.Module):
     """An LSTM cell whose weights are rescaled at every step by a small hyper LSTM.
 
@@ -489,7 +495,7 @@ class HyperLSTMCell(nn.Module):
         if not isinstance(input, torch.Tensor) or input.dim() not in (1, 2) or input.size(-1) != self.input_size:
             return False
         w = self.weight_hh
-        if input.dtype != w.dtype or input.device != w.device or torch.is_autocast_enabled(input.device.type):
+        if input.dtype != w.dtype or not _same_device(input, w) or torch.is_autocast_enabled(input.device.type):
             return False
         if (torch._C._functorch.peek_interpreter_stack() is not None or torch.compiler.is_compiling()
                 or torch.autograd.forward_ad._current_level >= 0):
@@ -501,7 +507,7 @@ class HyperLSTMCell(nn.Module):
         lead = tuple(input.shape[:-1])
         H, Hh = self.hidden_size, self.hyper_size
         sizes = [(H,), (H, H + 2 * Hh)] if len(hx) == 2 else [(H,), (H,), (Hh,), (Hh,)]
-        return all(isinstance(t, torch.Tensor) and t.dtype == w.dtype and t.device == w.device
+        return all(isinstance(t, torch.Tensor) and t.dtype == w.dtype and _same_device(t, w)
                    and t.dim() == len(lead) + 1 and tuple(t.shape[:-1]) == lead and t.size(-1) in ok
                    for t, ok in zip(hx, sizes))
 

@@ -583,6 +583,9 @@ pack_size_fn g_pack_size = nullptr;
 pack_fn g_pack = nullptr;
 compute_fn g_compute = nullptr;
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162;  // MKL's CBLAS enums
+// Packing a weight costs about one product of it, so it pays off only over several steps (a single
+// sampling step keeps the plain product).
+constexpr int64_t kPackMinSteps = 4;
 
 // A weight operand of the per-step products: C (M, N) = beta * C + A (M, K) @ op(W), op(W) = W^T for
 // W (N, K) (trans) or W for W (K, N); ldw is W's row stride. Row-major throughout; column-major BLAS
@@ -694,7 +697,7 @@ void hyper_seq_fwd(const HyperSeq& P) {
     Weight<T> w_cat(at<T>(P.w_cat, 0), H, true, A, H);              // [W_h; W_hat_h] (A, H)
     Weight<T> w_hat_hh(at<T>(P.w_hat_hh, 0), Hh, true, 4 * Hh, Hh);  // (4Hh, Hh)
     Weight<T> z_weight(at<T>(P.z_weight, 0), Hh, true, Z, Hh);       // (Z, Hh)
-    if (!P.batch_sizes) {
+    if (!P.batch_sizes && P.T >= kPackMinSteps) {
         w_cat.pack(B);
         w_hat_hh.pack(B);
         z_weight.pack(B);
@@ -721,7 +724,7 @@ void hyper_seq_bwd(const HyperSeq& P) {
     Weight<T> w_cat(at<T>(P.w_cat, 0), H, false, H, A);               // d(h_{t-1}) = d_a [W_h; W_hat_h]
     Weight<T> w_hat_hh(at<T>(P.w_hat_hh, 0), Hh, false, Hh, 4 * Hh);
     Weight<T> z_weight(at<T>(P.z_weight, 0), Hh, false, Hh, Z);
-    if (!P.batch_sizes) {
+    if (!P.batch_sizes && P.T >= kPackMinSteps) {
         w_cat.pack(B);
         w_hat_hh.pack(B);
         z_weight.pack(B);
@@ -758,7 +761,7 @@ void lstm_seq_fwd(const LstmSeq& P) {
     const int64_t B = P.B, H = P.lstm.S;
     T *out = at<T>(P.out, 0), *pre = at<T>(P.pre, 0);
     Weight<T> w_hh(at<T>(P.w_hh, 0), H, true, 4 * H, H);
-    if (!P.batch_sizes) w_hh.pack(B);
+    if (!P.batch_sizes && P.T >= kPackMinSteps) w_hh.pack(B);
     for (int64_t t = 0; t < P.T; ++t) {
         const int64_t bt = P.batch_sizes ? P.batch_sizes[t] : B;
         const T* h = t == 0 ? at<T>(P.h0, 0) : out + (t - 1) * B * H;
@@ -773,7 +776,7 @@ void lstm_seq_bwd(const LstmSeq& P) {
     const int64_t B = P.B, H = P.lstm.S;
     T *dh = at<T>(P.dh, 0), *dc = at<T>(P.dc, 0), *d_xw = at<T>(P.d_xw, 0);
     Weight<T> w_hh(at<T>(P.w_hh, 0), H, false, H, 4 * H);
-    if (!P.batch_sizes) w_hh.pack(B);
+    if (!P.batch_sizes && P.T >= kPackMinSteps) w_hh.pack(B);
     for (int64_t t = P.T - 1; t >= 0; --t) {
         const int64_t bt = P.batch_sizes ? P.batch_sizes[t] : B;
         T* dp = d_xw + t * B * 4 * H;

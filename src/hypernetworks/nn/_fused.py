@@ -21,7 +21,9 @@ bf16). torch.compile sees each layer's run as one opaque call (``_sequence._comp
 
 The per-step elementwise work (nonlinearities, d-scaling, layer norms, cell update, dropout
 masks) runs on CPU in the compiled kernels of ``hypernetworks/nn/_kernels`` (three calls per step
-each way), on CUDA in float32 in their Triton counterparts (``_triton_kernels``, when triton
+each way); on CPU in float32/float64 without mixed precision the time loop itself runs there too
+(``_seq_loops``: the per-step products in the MKL that torch links, no Python per step), else a
+Python loop calls the kernels; on CUDA in float32 the kernels' Triton counterparts run (``_triton_kernels``, when triton
 imports; ``HYPERNETWORKS_TRITON=0`` switches them off); elsewhere (no compiler: one warning; no
 triton; CUDA in other dtypes) the same Functions do it with PyTorch ops. PackedSequence batches run
 with per-step active batch sizes (``packed_forward``; the PyTorch-op path runs all rows and makes
@@ -497,7 +499,7 @@ def _contiguous(ts):
 # -- whole-sequence loops in the compiled library (_kernels.sequence_loops) ----------------------
 # The same steps as the Python loops below (_hyper_forward_kernels, ...), the time loop itself in
 # C++ with the per-step products in torch's BLAS: at small sizes the Python loop costs more than the
-# arithmetic (at the demo's size, hidden 128, about two thirds of a HyperLSTM forward + backward).
+# arithmetic of a step.
 def _seq_loops(lib, like: torch.Tensor, low) -> "ctypes.CDLL | None":
     """The library's sequence loops when they can run here: CPU kernels (not Triton), no mixed
     precision (its products stay in torch), and torch's BLAS found."""

@@ -556,15 +556,22 @@ def _state_forms(B=3):
 
 
 def _one_step_path(monkeypatch, path: str) -> None:
-    """The one-step Function with the compiled step kernels (where they build) or with PyTorch ops."""
-    from hypernetworks.nn import hyper_lstm
+    """The one-step Function as one library call each way ("one call": the kernels with torch's MKL),
+    with the compiled step kernels called from Python ("kernels": what runs where torch has no MKL),
+    or with PyTorch ops."""
+    from hypernetworks.nn import _kernels, hyper_lstm
     if path == "torch ops":
         monkeypatch.setattr(hyper_lstm, "_step_kernels", lambda x: None)
-    elif hyper_lstm._step_kernels(torch.zeros(1)) is None:
-        pytest.skip("no compiled kernels here")
+        return
+    if hyper_lstm._step_kernels(torch.zeros(1)) is None:
+        pytest.skip("the compiled step kernels are not available here; the PyTorch-op variant still runs")
+    if path == "kernels":
+        monkeypatch.setitem(_kernels._state, "loops", False)
+    elif _kernels.sequence_loops() is None:
+        pytest.skip("this torch links no MKL, so one-call steps are off; the kernels variant still runs")
 
 
-@pytest.mark.parametrize("path", ["kernels", "torch ops"])
+@pytest.mark.parametrize("path", ["one call", "kernels", "torch ops"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("form", ["none", "short", "packed", "full"])
 def test_one_step_function_equals_eager_step(form, bias, path, monkeypatch):
@@ -593,7 +600,7 @@ def test_one_step_function_equals_eager_step(form, bias, path, monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("path", ["kernels", "torch ops"])
+@pytest.mark.parametrize("path", ["one call", "kernels", "torch ops"])
 def test_one_step_function_unbatched_and_gradcheck(path, monkeypatch):
     _one_step_path(monkeypatch, path)
     cell = perturb_(HyperLSTMCell(3, 4, hyper_size=3, embedding_size=2)).double()
@@ -661,7 +668,7 @@ def test_default_hyper_size_is_never_larger_than_the_cell():
     assert build_recurrent("hyperlstm", I, 64).cells[0].hyper_size == 128
 
 
-@pytest.mark.parametrize("path", ["kernels", "torch ops"])
+@pytest.mark.parametrize("path", ["one call", "kernels", "torch ops"])
 def test_one_step_function_float32_matches_float64(path, monkeypatch):
     _one_step_path(monkeypatch, path)
     cell = _cell()
@@ -670,3 +677,33 @@ def test_one_step_function_float32_matches_float64(path, monkeypatch):
     got = cell.float()(x.float(), (h.float(), c.float()))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w.float(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_call_step_equals_the_kernel_step_loop_at_an_odd_size(dtype, monkeypatch):
+    """The time-series example's loop (two stacked cells, hidden 51, hyper 16, batch 97, strided
+    input columns) through the one-call step and through the Python-called kernels: the same outputs
+    and parameter gradients (float32: to float32 rounding)."""
+    from hypernetworks.nn import _kernels, hyper_lstm
+    if hyper_lstm._step_kernels(torch.zeros(1)) is None or _kernels.sequence_loops() is None:
+        pytest.skip("needs the compiled kernels and torch's MKL (the one-call step); other tests cover the rest")
+    torch.manual_seed(0)
+    cells = [HyperLSTMCell(1, 51, hyper_size=16).to(dtype), HyperLSTMCell(51, 51, hyper_size=16).to(dtype)]
+    xs = torch.randn(97, 12, 3, dtype=dtype)[:, :, 1:2]  # strided: every third column
+
+    def run(one_call: bool):
+        monkeypatch.setitem(_kernels._state, "loops", one_call)
+        for c in cells:
+            c.zero_grad(set_to_none=True)
+        h1 = c1 = h2 = c2 = torch.zeros(97, 51, dtype=dtype)
+        outs = []
+        for t in range(xs.size(1)):
+            h1, c1 = cells[0](xs[:, t], (h1, c1))
+            h2, c2 = cells[1](h1, (h2, c2))
+            outs.append(h2)
+        torch.stack(outs).pow(2).sum().backward()
+        return [torch.stack(outs).detach()] + [p.grad for c in cells for p in c.parameters()]
+
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    for a, b in zip(run(True), run(False), strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)

@@ -214,6 +214,62 @@ def _step_backward_kernels(ctx, kernels, x, h, hh, params, dh_new, dc_ext):
     return dx, dh, dc_prev, dhh_prev, dch_prev, param_grads
 
 
+# -- one step in one call each way (the compiled library with torch's BLAS) ----------------------
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with unit stride along its last dimension (rows may have any stride)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _ptr(t) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _step_struct(lib, cell, x: torch.Tensor, params, ws: torch.Tensor) -> "_kernels.HyperStep":
+    w_ih, w_hh, hw_ih, hw_hh, hb, zw, zb, dw, b0 = params
+    return _kernels.HyperStep(x.size(0), x.size(1), cell.hidden_size, cell.hyper_size, cell.embedding_size,
+                              *(_ptr(p) for p in (w_ih, w_hh, hw_ih, hw_hh, hb, zw, zb, dw, b0)), ws.data_ptr())
+
+
+def _step_forward_c(ctx, lib, cell, x, h, c_in, hh_in, ch_in, params):
+    """``_HyperStep.forward`` as one call into the library (``hyper_step_fwd``): every product of the
+    step in torch's BLAS and the elementwise work in the kernels; the step's intermediates go into one
+    work buffer that backward reads."""
+    H, Hh = cell.hidden_size, cell.hyper_size
+    B = x.size(0)
+    params = tuple(None if p is None else p.contiguous() for p in params)
+    x, h, c_in = x.contiguous(), h.contiguous(), _rows(c_in)
+    hh_in, ch_in = (None if t is None else _rows(t) for t in (hh_in, ch_in))
+    ws = x.new_empty(lib.hyper_step_ws_size(B, H, Hh, cell.embedding_size))
+    h_new, c_ext = x.new_empty(B, H), x.new_empty(B, H + 2 * Hh)
+    st = _step_struct(lib, cell, x, params, ws)
+    fn = lib.hyper_step_fwd_f32 if x.dtype == torch.float32 else lib.hyper_step_fwd_f64
+    fn(_fused.ctypes.byref(st), x.data_ptr(), h.data_ptr(), c_in.data_ptr(), c_in.stride(0), _ptr(hh_in),
+       0 if hh_in is None else hh_in.stride(0), _ptr(ch_in), 0 if ch_in is None else ch_in.stride(0),
+       h_new.data_ptr(), c_ext.data_ptr())
+    ctx.ws = ws  # an intermediate: may live on ctx (x, h and the parameters are saved tensors)
+    return h_new, c_ext
+
+
+def _step_backward_c(ctx, x, h, params, dh_new, dc_ext):
+    """``_HyperStep.backward`` as one call (``hyper_step_bwd``): (dx, dh, [dc, dh_hat, dc_hat] as one
+    (B, H + 2 Hh) tensor, the parameters' gradients)."""
+    lib, ws, cell = ctx.lib, ctx.ws, ctx.cell
+    x, h = x.contiguous(), h.contiguous()
+    params = tuple(None if p is None else p.contiguous() for p in params)
+    B, I = x.shape
+    H, Hh = cell.hidden_size, cell.hyper_size
+    need = ctx.needs_input_grad
+    dh_new, dc_ext = dh_new.contiguous(), _rows(dc_ext)
+    dx = x.new_empty(B, I) if need[1] else None
+    dh, dstate = x.new_empty(B, H), x.new_empty(B, H + 2 * Hh)
+    grads = tuple(None if p is None else torch.empty_like(p) for p in params)
+    st = _step_struct(lib, cell, x, params, ws)
+    fn = lib.hyper_step_bwd_f32 if x.dtype == torch.float32 else lib.hyper_step_bwd_f64
+    fn(_fused.ctypes.byref(st), x.data_ptr(), h.data_ptr(), dh_new.data_ptr(), dc_ext.data_ptr(), dc_ext.stride(0),
+       _ptr(dx), dh.data_ptr(), dstate.data_ptr(), *(_ptr(g) for g in grads))
+    return dx, dh if need[2] else None, dstate, grads
+
+
 class _HyperStep(torch.autograd.Function):
     """One HyperLSTMCell step: (x, h, c, h_hat, c_hat) -> (h', cat([c', h_hat', c_hat'], -1)).
 
@@ -232,6 +288,9 @@ class _HyperStep(torch.autograd.Function):
         ctx.cell, ctx.form = cell, ("packed" if c_in is not c else "full" if hh is not None else "short")
         ctx.kernels = _step_kernels(x)
         ctx.save_for_backward(x, h, c, hh, ch, *params)
+        ctx.lib = _kernels.sequence_loops() if ctx.kernels is not None else None
+        if ctx.lib is not None:
+            return _step_forward_c(ctx, ctx.lib, cell, x, h, c_in, hh_in, ch_in, params)
         if ctx.kernels is not None:
             return _step_forward_kernels(ctx, ctx.kernels, cell, x, h, c_in, hh_in, ch_in, params)
         w_ih, w_hh, hw_ih, hw_hh, hb, zw, zb, dw, b0 = params
@@ -262,6 +321,13 @@ class _HyperStep(torch.autograd.Function):
         if torch.is_grad_enabled():  # a graph of the gradient is wanted: recompute with eager ops
             return _HyperStep._eager_backward(ctx, (x, h, c, hh, ch), (dh_new, dc_ext))
         H, Hh, Nz = cell.hidden_size, cell.hyper_size, cell.embedding_size
+        if ctx.lib is not None:
+            dx, dh, dstate, param_grads = _step_backward_c(ctx, x, h, params, dh_new, dc_ext)
+            if ctx.form == "packed":
+                return (None, dx, dh, dstate, None, None, *param_grads)
+            if ctx.form == "full":
+                return (None, dx, dh, dstate[:, :H], dstate[:, H:H + Hh], dstate[:, H + Hh:], *param_grads)
+            return (None, dx, dh, dstate[:, :H], None, None, *param_grads)
         if ctx.form == "packed":
             c, hh, ch = c[:, :H], c[:, H:H + Hh], c[:, H + Hh:]
         if ctx.kernels is not None:

@@ -136,6 +136,13 @@ class LstmSeq(ctypes.Structure):
                 + [("lstm", Lstm)])
 
 
+class HyperStep(ctypes.Structure):
+    """``struct HyperStep`` of lstm_kernels.cpp: one HyperLSTMCell step (shapes, parameters, work buffer)."""
+    _fields_ = ([(name, ctypes.c_int64) for name in ("B", "I", "H", "Hh", "Nz")]
+                + [(name, ctypes.c_void_p) for name in ("w_ih", "w_hh", "hw_ih", "hw_hh", "hb", "zw", "zb", "dw", "b0",
+                                                        "ws")])
+
+
 def _torch_blas() -> tuple[int, ...] | None:
     """Addresses of ``sgemm_``, ``dgemm_`` and MKL's packed GEMM (``cblas_sgemm_pack_get_size``,
     ``cblas_sgemm_pack``, ``cblas_sgemm_compute``; None where absent) in torch's CPU library when that
@@ -175,6 +182,14 @@ def _declare_loops(lib: ctypes.CDLL) -> bool:
                 fn = getattr(lib, f"{name}_{way}_{suffix}")
                 fn.argtypes = [ctypes.POINTER(struct)]
                 fn.restype = None
+    p, i = ctypes.c_void_p, ctypes.c_int64
+    lib.hyper_step_ws_size.argtypes = [i, i, i, i]
+    lib.hyper_step_ws_size.restype = i
+    for suffix in ("f32", "f64"):
+        fwd, bwd = getattr(lib, f"hyper_step_fwd_{suffix}"), getattr(lib, f"hyper_step_bwd_{suffix}")
+        fwd.argtypes = [ctypes.POINTER(HyperStep), p, p, p, i, p, i, p, i, p, p]
+        bwd.argtypes = [ctypes.POINTER(HyperStep), p, p, p, p, i] + [p] * 12
+        fwd.restype = bwd.restype = None
     return True
 
 

@@ -785,6 +785,158 @@ void lstm_seq_bwd(const LstmSeq& P) {
     }
 }
 
+// -- one HyperLSTMCell step (hyper_lstm._HyperStep), forward and backward in one call each --------
+// For step loops written for nn.LSTMCell: every product of the step in BLAS and every elementwise
+// part in the kernels above, so that a step is one call each way instead of ~25 torch ops.
+// Row-major general product C (M, N) = beta * C + op(A) @ op(B), op(A) (M, K), op(B) (K, N).
+template <typename T>
+void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bm, int64_t ldb,
+             T beta, T* C, int64_t ldc) {
+    if (M <= 0 || N <= 0) return;
+    const char cb = tb ? 'T' : 'N', ca = ta ? 'T' : 'N';
+    const int m = int(N), n = int(M), k = int(K), l1 = int(ldb), l2 = int(lda), l3 = int(ldc);
+    const T one = 1;
+    if (K <= 0) {  // no terms: C = beta * C
+        for (int64_t i = 0; i < M; ++i)
+            for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == T(0) ? T(0) : beta * C[i * ldc + j];
+        return;
+    }
+    if constexpr (sizeof(T) == 4)
+        g_sgemm(&cb, &ca, &m, &n, &k, &one, Bm, &l1, A, &l2, &beta, C, &l3);
+    else
+        g_dgemm(&cb, &ca, &m, &n, &k, &one, Bm, &l1, A, &l2, &beta, C, &l3);
+}
+
+// Shapes, parameters (hb, b0 nullable) and the step's saved work buffer (hyper_step_ws_size elements).
+struct HyperStep {
+    int64_t B, I, H, Hh, Nz;
+    const void *w_ih, *w_hh, *hw_ih, *hw_hh, *hb, *zw, *zb, *dw, *b0;
+    void* ws;
+};
+
+// Offsets into the work buffer: per-row blocks, then the transposed projection.
+struct StepLayout {
+    int64_t xw, a, pre, act, c0, c1, hpre, hact, hc0, hc1, hh0, hh1, z, wd, total;
+    StepLayout(int64_t B, int64_t H, int64_t Hh, int64_t Nz) {
+        int64_t o = 0;
+        auto take = [&](int64_t n) { const int64_t at = o; o += n; return at; };
+        xw = take(B * 4 * H), a = take(B * 4 * H), pre = take(B * 4 * H), act = take(B * 4 * H);
+        c0 = take(B * H), c1 = take(B * H), hpre = take(B * 4 * Hh), hact = take(B * 4 * Hh);
+        hc0 = take(B * Hh), hc1 = take(B * Hh), hh0 = take(B * Hh), hh1 = take(B * Hh), z = take(B * 12 * Nz);
+        wd = take(12 * Nz * H);
+        total = o;
+    }
+};
+
+// x (B, I), h (B, H), c (B, H) and the hyper state hh, ch (B, Hh; null: zeros) -> h_new (B, H) and
+// c_ext = [c', h_hat', c_hat'] (B, H + 2 Hh); saves what backward needs in ws.
+template <typename T>
+void hyper_step_fwd(const HyperStep& P, const T* x, const T* h, const T* c, int64_t c_s, const T* hh, int64_t hh_s,
+                    const T* ch, int64_t ch_s, T* h_new, T* c_ext) {
+    const int64_t B = P.B, I = P.I, H = P.H, Hh = P.Hh, Nz = P.Nz, E = H + 2 * Hh;
+    const StepLayout L(B, H, Hh, Nz);
+    T* ws = static_cast<T*>(P.ws);
+    const T *w_ih = at<T>(P.w_ih, 0), *w_hh = at<T>(P.w_hh, 0), *hw_ih = at<T>(P.hw_ih, 0);
+    const T *dw = at<T>(P.dw, 0), *zb = at<T>(P.zb, 0), *hb = at<T>(P.hb, 0), *b0 = at<T>(P.b0, 0);
+    T *wd = ws + L.wd, *z = ws + L.z, *hpre = ws + L.hpre;
+    for (int64_t k = 0; k < 12; ++k)  // d_weight (3, 4, H, Nz) -> (3, 4, Nz, H)
+        for (int64_t j = 0; j < H; ++j)
+            for (int64_t q = 0; q < Nz; ++q) wd[(k * Nz + q) * H + j] = dw[(k * H + j) * Nz + q];
+    for (int64_t b = 0; b < B; ++b) {  // the states the kernels read, contiguous
+        std::memcpy(ws + L.c0 + b * H, c + b * c_s, sizeof(T) * H);
+        for (int64_t j = 0; j < Hh; ++j) {
+            ws[L.hh0 + b * Hh + j] = hh ? hh[b * hh_s + j] : T(0);
+            ws[L.hc0 + b * Hh + j] = ch ? ch[b * ch_s + j] : T(0);
+        }
+        for (int64_t j = 0; j < 4 * Hh; ++j) hpre[b * 4 * Hh + j] = hb ? hb[j] : T(0);
+        for (int64_t j = 0; j < 12 * Nz; ++j) z[b * 12 * Nz + j] = j < 8 * Nz ? zb[j] : T(0);
+    }
+    gemm_rm<T>(false, true, B, 4 * H, I, x, I, w_ih, I, T(0), ws + L.xw, 4 * H);       // W_x x
+    gemm_rm<T>(false, true, B, 4 * H, H, h, H, w_hh, H, T(0), ws + L.a, 4 * H);        // W_h h
+    // the hyper LSTM reads [h; x] and its own h_hat: hb + W_hat [h; x] + W_hat_hh h_hat
+    gemm_rm<T>(false, true, B, 4 * Hh, H, h, H, hw_ih, H + I, T(1), hpre, 4 * Hh);
+    gemm_rm<T>(false, true, B, 4 * Hh, I, x, I, hw_ih + H, H + I, T(1), hpre, 4 * Hh);
+    gemm_rm<T>(false, true, B, 4 * Hh, Hh, ws + L.hh0, Hh, at<T>(P.hw_hh, 0), Hh, T(1), hpre, 4 * Hh);
+    cell_fwd<T>(B, Hh, hpre, 4 * Hh, nullptr, 0, nullptr, 0, nullptr, nullptr, nullptr, nullptr, T(0), nullptr,
+                ws + L.hc0, ws + L.hact, ws + L.hc1, ws + L.hh1, Hh, nullptr, nullptr, nullptr, nullptr, nullptr);
+    gemm_rm<T>(false, true, B, 12 * Nz, Hh, ws + L.hh1, Hh, at<T>(P.zw, 0), Hh, T(1), z, 12 * Nz);  // z
+    thread_local std::vector<T> zeros;
+    if (!b0 && zeros.size() < size_t(4 * H)) zeros.assign(4 * H, T(0));
+    hyper_pre_fwd<T>(B, H, Nz, ws + L.a, 4 * H, ws + L.xw, z, wd, b0 ? b0 : zeros.data(), ws + L.pre);
+    cell_fwd<T>(B, H, ws + L.pre, 4 * H, nullptr, 0, nullptr, 0, nullptr, nullptr, nullptr, nullptr, T(0), nullptr,
+                ws + L.c0, ws + L.act, ws + L.c1, h_new, H, nullptr, nullptr, nullptr, nullptr, nullptr);
+    for (int64_t b = 0; b < B; ++b) {
+        std::memcpy(c_ext + b * E, ws + L.c1 + b * H, sizeof(T) * H);
+        std::memcpy(c_ext + b * E + H, ws + L.hh1 + b * Hh, sizeof(T) * Hh);
+        std::memcpy(c_ext + b * E + H + Hh, ws + L.hc1 + b * Hh, sizeof(T) * Hh);
+    }
+}
+
+// Gradients of one step: dh_new (B, H), dc_ext (B, H + 2 Hh, row stride dc_s) -> dx (B, I; null: not
+// wanted), dh (B, H), dstate = [dc, dh_hat, dc_hat] (B, H + 2 Hh) and the parameters' gradients
+// (g_hb, g_b0 null when the parameter is).
+template <typename T>
+void hyper_step_bwd(const HyperStep& P, const T* x, const T* h, const T* dh_new, const T* dc_ext, int64_t dc_s,
+                    T* dx, T* dh, T* dstate, T* g_w_ih, T* g_w_hh, T* g_hw_ih, T* g_hw_hh, T* g_hb, T* g_zw,
+                    T* g_zb, T* g_dw, T* g_b0) {
+    const int64_t B = P.B, I = P.I, H = P.H, Hh = P.Hh, Nz = P.Nz, E = H + 2 * Hh, Z = 12 * Nz;
+    const StepLayout L(B, H, Hh, Nz);
+    const T* ws = static_cast<const T*>(P.ws);
+    const T *w_ih = at<T>(P.w_ih, 0), *w_hh = at<T>(P.w_hh, 0), *hw_ih = at<T>(P.hw_ih, 0);
+    const T *hw_hh = at<T>(P.hw_hh, 0), *zw = at<T>(P.zw, 0);
+    thread_local std::vector<T> buf;
+    const int64_t need = B * (4 * H + 4 * H + 4 * H + 4 * Hh + Z + H + 2 * Hh) + 12 * Nz * H;
+    if (buf.size() < size_t(need)) buf.resize(need);
+    T *dpre = buf.data(), *d_a = dpre + B * 4 * H, *d_xw = d_a + B * 4 * H, *dhpre = d_xw + B * 4 * H;
+    T *dz = dhpre + B * 4 * Hh, *dc = dz + B * Z, *dhh = dc + B * H, *dch = dhh + B * Hh, *g_wd = dch + B * Hh;
+    for (int64_t b = 0; b < B; ++b) {
+        std::memcpy(dc + b * H, dc_ext + b * dc_s, sizeof(T) * H);
+        std::memcpy(dhh + b * Hh, dc_ext + b * dc_s + H, sizeof(T) * Hh);
+        std::memcpy(dch + b * Hh, dc_ext + b * dc_s + H + Hh, sizeof(T) * Hh);
+    }
+    std::memset(g_wd, 0, sizeof(T) * 12 * Nz * H);
+    if (g_b0) std::memset(g_b0, 0, sizeof(T) * 4 * H);
+    cell_bwd<T>(B, H, dh_new, nullptr, dc, ws + L.act, ws + L.c0, ws + L.c1, nullptr, nullptr, nullptr, nullptr,
+                nullptr, nullptr, nullptr, nullptr, dpre, 4 * H, dc, nullptr, nullptr, nullptr, nullptr);
+    hyper_pre_bwd<T>(B, H, Nz, dpre, ws + L.a, 4 * H, ws + L.xw, ws + L.z, ws + L.wd, d_a, 4 * H, d_xw, dz, g_wd,
+                     g_b0);
+    gemm_rm<T>(false, false, B, Hh, Z, dz, Z, zw, Hh, T(1), dhh, Hh);                   // dh_hat += dz W_z
+    cell_bwd<T>(B, Hh, dhh, nullptr, dch, ws + L.hact, ws + L.hc0, ws + L.hc1, nullptr, nullptr, nullptr, nullptr,
+                nullptr, nullptr, nullptr, nullptr, dhpre, 4 * Hh, dch, nullptr, nullptr, nullptr, nullptr);
+    // inputs: dh = d_a W_h + dhpre W_hat_h, dx = d_xw W_x + dhpre W_hat_x, dh_hat_prev = dhpre W_hat_hh
+    gemm_rm<T>(false, false, B, H, 4 * H, d_a, 4 * H, w_hh, H, T(0), dh, H);
+    gemm_rm<T>(false, false, B, H, 4 * Hh, dhpre, 4 * Hh, hw_ih, H + I, T(1), dh, H);
+    if (dx) {
+        gemm_rm<T>(false, false, B, I, 4 * H, d_xw, 4 * H, w_ih, I, T(0), dx, I);
+        gemm_rm<T>(false, false, B, I, 4 * Hh, dhpre, 4 * Hh, hw_ih + H, H + I, T(1), dx, I);
+    }
+    for (int64_t b = 0; b < B; ++b) {
+        std::memcpy(dstate + b * E, dc + b * H, sizeof(T) * H);
+        std::memcpy(dstate + b * E + H + Hh, dch + b * Hh, sizeof(T) * Hh);
+    }
+    gemm_rm<T>(false, false, B, Hh, 4 * Hh, dhpre, 4 * Hh, hw_hh, Hh, T(0), dstate + H, E);
+    // parameters
+    gemm_rm<T>(true, false, 4 * H, I, B, d_xw, 4 * H, x, I, T(0), g_w_ih, I);
+    gemm_rm<T>(true, false, 4 * H, H, B, d_a, 4 * H, h, H, T(0), g_w_hh, H);
+    gemm_rm<T>(true, false, 4 * Hh, H, B, dhpre, 4 * Hh, h, H, T(0), g_hw_ih, H + I);
+    gemm_rm<T>(true, false, 4 * Hh, I, B, dhpre, 4 * Hh, x, I, T(0), g_hw_ih + H, H + I);
+    gemm_rm<T>(true, false, 4 * Hh, Hh, B, dhpre, 4 * Hh, ws + L.hh0, Hh, T(0), g_hw_hh, Hh);
+    gemm_rm<T>(true, false, Z, Hh, B, dz, Z, ws + L.hh1, Hh, T(0), g_zw, Hh);
+    for (int64_t j = 0; j < 4 * Hh; ++j) {
+        T s = 0;
+        for (int64_t b = 0; b < B; ++b) s += dhpre[b * 4 * Hh + j];
+        if (g_hb) g_hb[j] = s;
+    }
+    for (int64_t j = 0; j < 8 * Nz; ++j) {
+        T s = 0;
+        for (int64_t b = 0; b < B; ++b) s += dz[b * Z + j];
+        g_zb[j] = s;
+    }
+    for (int64_t k = 0; k < 12; ++k)  // (3, 4, Nz, H) -> d_weight's (3, 4, H, Nz)
+        for (int64_t j = 0; j < H; ++j)
+            for (int64_t q = 0; q < Nz; ++q) g_dw[(k * H + j) * Nz + q] = g_wd[(k * Nz + q) * H + j];
+}
+
 }  // namespace
 
 // sgemm_, dgemm_ (required) and MKL's cblas_sgemm_pack_get_size, cblas_sgemm_pack, cblas_sgemm_compute
@@ -804,6 +956,25 @@ extern "C" void lstm_seq_fwd_f32(const LstmSeq* p) { lstm_seq_fwd<float>(*p); }
 extern "C" void lstm_seq_fwd_f64(const LstmSeq* p) { lstm_seq_fwd<double>(*p); }
 extern "C" void lstm_seq_bwd_f32(const LstmSeq* p) { lstm_seq_bwd<float>(*p); }
 extern "C" void lstm_seq_bwd_f64(const LstmSeq* p) { lstm_seq_bwd<double>(*p); }
+extern "C" int64_t hyper_step_ws_size(int64_t B, int64_t H, int64_t Hh, int64_t Nz) {
+    return StepLayout(B, H, Hh, Nz).total;
+}
+#define HN_STEP(T, suffix)                                                                                        \
+    extern "C" void hyper_step_fwd_##suffix(const HyperStep* p, const T* x, const T* h, const T* c, int64_t c_s,     \
+                                            const T* hh, int64_t hh_s, const T* ch, int64_t ch_s, T* h_new,      \
+                                            T* c_ext) {                                                           \
+        hyper_step_fwd<T>(*p, x, h, c, c_s, hh, hh_s, ch, ch_s, h_new, c_ext);                                    \
+    }                                                                                                             \
+    extern "C" void hyper_step_bwd_##suffix(const HyperStep* p, const T* x, const T* h, const T* dh_new,            \
+                                            const T* dc_ext, int64_t dc_s, T* dx, T* dh, T* dstate, T* g_w_ih,   \
+                                            T* g_w_hh, T* g_hw_ih, T* g_hw_hh, T* g_hb, T* g_zw, T* g_zb,        \
+                                            T* g_dw, T* g_b0) {                                                   \
+        hyper_step_bwd<T>(*p, x, h, dh_new, dc_ext, dc_s, dx, dh, dstate, g_w_ih, g_w_hh, g_hw_ih, g_hw_hh, g_hb, \
+                          g_zw, g_zb, g_dw, g_b0);                                                                \
+    }
+HN_STEP(float, f32)
+HN_STEP(double, f64)
+#undef HN_STEP
 
 #define HN_EXPORT(T, suffix)                                                                              \
     extern "C" void cell_fwd_##suffix(int64_t B, int64_t S, const T* pre, int64_t pre_s, const T* add1,   \

@@ -549,6 +549,33 @@ def _hyper_forward_loops(lib, xw, xw_hat, h0, w_cat, w_hat_hh, z_weight, z_bias,
     return a_all
 
 
+class _HyperGrads:
+    """The buffers of a HyperLSTM backward loop (either loop): gradients returned to autograd, work
+    buffers from the pool, and the final states' incoming gradients as buffers updated in place."""
+
+    def __init__(self, xw, h0, hh_all, z_all, d_weight, has_bias, batch_sizes, ws, d_cT, d_hhT, d_chT):
+        T, B = xw.shape[:2]
+        H, Hh = h0.size(-1), hh_all.size(-1)
+        packed = batch_sizes is not None  # padded rows enter the weight GEMMs
+        self.d_xw = (xw.new_zeros if packed else xw.new_empty)(xw.shape)  # returned: never a work buffer
+        self.d_a = ws.alloc("d_a", (T, B, 4 * H + 4 * Hh), zero=packed)
+        self.d_z = ws.alloc("d_z", z_all.shape, zero=packed)
+        self.wd = d_weight.transpose(-1, -2).contiguous()             # (3, 4, Nz, H): units innermost
+        self.g_wd = torch.zeros_like(self.wd)
+        self.g_bias = xw.new_zeros(4 * H) if has_bias else None
+        self.dpre = xw.new_empty(B, 4 * H)
+
+        def start(g, S):
+            return xw.new_zeros(B, S) if g is None else g.clone(memory_format=torch.contiguous_format)
+
+        self.dh, self.dc, self.dhh, self.dch = xw.new_zeros(B, H), start(d_cT, H), start(d_hhT, Hh), start(d_chT, Hh)
+
+    def result(self):
+        """What the backward loops return: (d_xw, d_a, d_z, dh, dc, dhh, dch, g_dw, g_bias)."""
+        return (self.d_xw, self.d_a, self.d_z, self.dh, self.dc, self.dhh, self.dch,
+                self.g_wd.transpose(-1, -2).contiguous(), self.g_bias)
+
+
 def _hyper_backward_loops(lib, d_out, d_cT, d_hhT, d_chT, xw, h0, hh_all, z_all, w_cat, w_hat_hh, z_weight,
                           d_weight, norms, hnorms, mask, hmask, main, hyp, a_all, grads, hgrads, has_bias,
                           batch_sizes, ws):
@@ -558,29 +585,17 @@ def _hyper_backward_loops(lib, d_out, d_cT, d_hhT, d_chT, xw, h0, hh_all, z_all,
     norms, hnorms = _contiguous(norms), _contiguous(hnorms)
     mask, hmask = _contiguous((mask, hmask))
     w_cat, w_hat_hh, z_weight = _contiguous((w_cat, w_hat_hh, z_weight))
-    packed = batch_sizes is not None  # padded rows enter the weight GEMMs
-    d_xw = (xw.new_zeros if packed else xw.new_empty)(xw.shape)  # returned: never a work buffer
-    d_a = ws.alloc("d_a", (T, B, 4 * H + 4 * Hh), zero=packed)
-    d_z = ws.alloc("d_z", z_all.shape, zero=packed)
-    wd = d_weight.transpose(-1, -2).contiguous()
-    g_wd = torch.zeros_like(wd)
-    g_bias = xw.new_zeros(4 * H) if has_bias else None
-
-    def start(g, S):  # the incoming gradient of a final state, as a buffer updated in place
-        return xw.new_zeros(B, S) if g is None else g.clone(memory_format=torch.contiguous_format)
-
-    dh, dc, dhh, dch = xw.new_zeros(B, H), start(d_cT, H), start(d_hhT, Hh), start(d_chT, Hh)
+    g = _HyperGrads(xw, h0, hh_all, z_all, d_weight, has_bias, batch_sizes, ws, d_cT, d_hhT, d_chT)
     d_out = None if d_out is None else d_out.contiguous()
-    dpre = xw.new_empty(B, 4 * H)
     sizes = _sizes_tensor(batch_sizes)
     p = _kernels.HyperSeq(T=T, B=B, H=H, Hh=Hh, Nz=Nz, batch_sizes=_p(sizes), xw=_p(xw), w_cat=_p(w_cat),
-                          w_hat_hh=_p(w_hat_hh), z_weight=_p(z_weight), wd=_p(wd), z_all=_p(z_all),
-                          a_all=_p(a_all), d_out=_p(d_out), d_xw=_p(d_xw), d_a=_p(d_a), d_z=_p(d_z), dh=_p(dh),
-                          dc=_p(dc), dhh=_p(dhh), dch=_p(dch), dpre=_p(dpre), g_wd=_p(g_wd), g_bias=_p(g_bias),
-                          main=_lstm_struct(main, norms, 0.0, mask, grads),
+                          w_hat_hh=_p(w_hat_hh), z_weight=_p(z_weight), wd=_p(g.wd), z_all=_p(z_all),
+                          a_all=_p(a_all), d_out=_p(d_out), d_xw=_p(g.d_xw), d_a=_p(g.d_a), d_z=_p(g.d_z),
+                          dh=_p(g.dh), dc=_p(g.dc), dhh=_p(g.dhh), dch=_p(g.dch), dpre=_p(g.dpre), g_wd=_p(g.g_wd),
+                          g_bias=_p(g.g_bias), main=_lstm_struct(main, norms, 0.0, mask, grads),
                           hyp=_lstm_struct(hyp, hnorms, 0.0, hmask, hgrads))
     _loop_fn(lib, "hyper_seq_bwd", xw)(ctypes.byref(p))
-    return d_xw, d_a, d_z, dh, dc, dhh, dch, g_wd.transpose(-1, -2).contiguous(), g_bias
+    return g.result()
 
 
 def _hyper_forward_kernels(lib, xw, xw_hat, h0, w_cat, w_hat_hh, z_weight, z_bias, d_weight, bias, norms, hnorms,
@@ -619,21 +634,11 @@ def _hyper_backward_kernels(lib, d_out, d_cT, d_hhT, d_chT, xw, h0, out, hh_all,
     enter each sequence's buffers at its own last step."""
     k = _step_kernels(lib, xw)
     T, B = xw.shape[:2]
-    H, Hh, Nz = h0.size(-1), hh_all.size(-1), d_weight.size(-1)
+    H, Nz = h0.size(-1), d_weight.size(-1)
     norms, hnorms = _contiguous(norms), _contiguous(hnorms)
-    packed = batch_sizes is not None  # padded rows enter the weight GEMMs
-    d_xw = (xw.new_zeros if packed else xw.new_empty)(xw.shape)  # returned: never a work buffer
-    d_a = ws.alloc("d_a", (T, B, 4 * H + 4 * Hh), zero=packed)
-    d_z = ws.alloc("d_z", z_all.shape, zero=packed)
-    wd_t = d_weight.transpose(-1, -2).contiguous()
-    g_wd = torch.zeros_like(wd_t)
-    g_bias = xw.new_zeros(4 * H) if has_bias else None
-    dpre = xw.new_empty(B, 4 * H)
-
-    def start(g, S):  # the incoming gradient of a final state, as a buffer updated in place
-        return xw.new_zeros(B, S) if g is None else g.clone(memory_format=torch.contiguous_format)
-
-    dh, dc, dhh, dch = xw.new_zeros(B, H), start(d_cT, H), start(d_hhT, Hh), start(d_chT, Hh)
+    g = _HyperGrads(xw, h0, hh_all, z_all, d_weight, has_bias, batch_sizes, ws, d_cT, d_hhT, d_chT)
+    d_xw, d_a, d_z, wd_t, g_wd, g_bias, dpre = g.d_xw, g.d_a, g.d_z, g.wd, g.g_wd, g.g_bias, g.dpre
+    dh, dc, dhh, dch = g.dh, g.dc, g.dhh, g.dch
     d_out = None if d_out is None else d_out.contiguous()
     w_cat_t = _step_weight(w_cat.t(), B, T)
     for t in range(T - 1, -1, -1):

@@ -148,7 +148,10 @@ def _params(ckpt: Path) -> int:
     import torch
 
     sd = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-    return int(sum(v.numel() for k, v in sd.items() if v.dtype.is_floating_point and "running_" not in k))
+    # tied weights (a shared embedding and output layer) appear under two names but share storage: count once
+    seen = {(v.untyped_storage().data_ptr(), v.storage_offset(), v.numel()): v.numel()
+            for k, v in sd.items() if v.dtype.is_floating_point and "running_" not in k}
+    return int(sum(seen.values()))
 
 
 def run_row(name: str, table: Table, row: Row, runs_root: Path, log_dir: Path) -> dict:

@@ -79,3 +79,25 @@ def test_saturation_histograms(tmp_path):
     path = plot_saturation(states, tmp_path / "sat.png")
     with Image.open(path) as im:
         assert im.size[0] > 600
+
+
+def test_saturation_table_shares_are_those_of_the_histograms(monkeypatch):
+    """benchmarks/saturation_table.py: the shares of |h| > 0.95 and |c| > 5 of the states the picture
+    plots, per checkpoint, with characters outside the vocabulary dropped."""
+    import importlib.util
+    from pathlib import Path
+
+    import hypernetworks.training as training
+
+    spec = importlib.util.spec_from_file_location(
+        "saturation_table", Path(__file__).resolve().parents[1] / "benchmarks" / "saturation_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.manual_seed(0)
+    tasks = {"a.ckpt": LanguageModelTask(cell="hyperlstm", hidden_size=8, hyper_size=4, vocab=list("abc "))}
+    monkeypatch.setattr(training, "load_task", lambda path: tasks[path])
+    (row,) = mod.shares(["a.ckpt"], "abc cab xyz " * 5)
+    h, c = collect_states(tasks["a.ckpt"], "abc cab  " * 5)
+    assert row["model"] == "hyperlstm 8" and row["values"] == h.numel()
+    assert row["h_above_0.95"] == pytest.approx(float((h.abs() > 0.95).float().mean()))
+    assert row["c_beyond_5"] == pytest.approx(float((c.abs() > 5).float().mean()))

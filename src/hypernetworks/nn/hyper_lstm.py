@@ -425,7 +425,8 @@ class HyperLSTMCell(nn.Module):
     ``hyper_size`` None (the default) is ``default_hyper_size(hidden_size)``: hidden_size // 4,
     at least 1 and at most the paper's 128, so never larger than the main cell. A single step
     (``forward``) without layer norm or active recurrent dropout runs as one autograd Function
-    (``_HyperStep``, with the compiled step kernels on CPU), for step loops; other settings run
+    (``_HyperStep``; on CPU one call into the compiled library each way, its products in torch's
+    MKL), for step loops; other settings run
     the per-step reference ops.
 
     Options:

@@ -916,7 +916,7 @@ class _LSTMFunction(torch.autograd.Function):
         ctx.lib = lib
         ctx.loops = loops = _seq_loops(lib, xw, ctx.low)
         h = h0
-        w_step = _step_weight(w_hh, B, T)
+        w_step = None if loops is not None else _step_weight(w_hh, B, T)  # the loops use the weight as it is
         if loops is not None:
             sizes, pre = _sizes_tensor(batch_sizes), xw.new_empty(B, 4 * H)
             mask, w = _contiguous((mask, w_hh))
@@ -949,7 +949,7 @@ class _LSTMFunction(torch.autograd.Function):
         d_xw = (out.new_empty if ctx.batch_sizes is None else out.new_zeros)(T, B, 4 * H)
         dh = out.new_zeros(B, H)
         dc = d_cT if d_cT is not None else out.new_zeros(B, H)
-        w_t = _step_weight(w_hh.t(), B, T)
+        w_t = None if ctx.loops is not None else _step_weight(w_hh.t(), B, T)
         if ctx.loops is not None:
             dc = dc.clone(memory_format=torch.contiguous_format)  # updated in place
             d_out = d_out.contiguous() if d_out is not None else None

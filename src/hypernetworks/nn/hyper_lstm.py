@@ -12,6 +12,7 @@ W_x x_t of a whole sequence are one matrix multiply before the time loop.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 
 import torch
@@ -220,14 +221,10 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _ptr(t) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 def _step_struct(lib, cell, x: torch.Tensor, params, ws: torch.Tensor) -> "_kernels.HyperStep":
     w_ih, w_hh, hw_ih, hw_hh, hb, zw, zb, dw, b0 = params
     return _kernels.HyperStep(x.size(0), x.size(1), cell.hidden_size, cell.hyper_size, cell.embedding_size,
-                              *(_ptr(p) for p in (w_ih, w_hh, hw_ih, hw_hh, hb, zw, zb, dw, b0)), ws.data_ptr())
+                              *(_kernels.ptr(p) for p in (w_ih, w_hh, hw_ih, hw_hh, hb, zw, zb, dw, b0)), ws.data_ptr())
 
 
 def _step_forward_c(ctx, lib, cell, x, h, c_in, hh_in, ch_in, params):
@@ -243,8 +240,8 @@ def _step_forward_c(ctx, lib, cell, x, h, c_in, hh_in, ch_in, params):
     h_new, c_ext = x.new_empty(B, H), x.new_empty(B, H + 2 * Hh)
     st = _step_struct(lib, cell, x, params, ws)
     fn = lib.hyper_step_fwd_f32 if x.dtype == torch.float32 else lib.hyper_step_fwd_f64
-    fn(_fused.ctypes.byref(st), x.data_ptr(), h.data_ptr(), c_in.data_ptr(), c_in.stride(0), _ptr(hh_in),
-       0 if hh_in is None else hh_in.stride(0), _ptr(ch_in), 0 if ch_in is None else ch_in.stride(0),
+    fn(ctypes.byref(st), x.data_ptr(), h.data_ptr(), c_in.data_ptr(), c_in.stride(0), _kernels.ptr(hh_in),
+       0 if hh_in is None else hh_in.stride(0), _kernels.ptr(ch_in), 0 if ch_in is None else ch_in.stride(0),
        h_new.data_ptr(), c_ext.data_ptr())
     ctx.ws = ws  # an intermediate: may live on ctx (x, h and the parameters are saved tensors)
     return h_new, c_ext
@@ -265,8 +262,8 @@ def _step_backward_c(ctx, x, h, params, dh_new, dc_ext):
     grads = tuple(None if p is None else torch.empty_like(p) for p in params)
     st = _step_struct(lib, cell, x, params, ws)
     fn = lib.hyper_step_bwd_f32 if x.dtype == torch.float32 else lib.hyper_step_bwd_f64
-    fn(_fused.ctypes.byref(st), x.data_ptr(), h.data_ptr(), dh_new.data_ptr(), dc_ext.data_ptr(), dc_ext.stride(0),
-       _ptr(dx), dh.data_ptr(), dstate.data_ptr(), *(_ptr(g) for g in grads))
+    fn(ctypes.byref(st), x.data_ptr(), h.data_ptr(), dh_new.data_ptr(), dc_ext.data_ptr(), dc_ext.stride(0),
+       _kernels.ptr(dx), dh.data_ptr(), dstate.data_ptr(), *(_kernels.ptr(g) for g in grads))
     return dx, dh if need[2] else None, dstate, grads
 
 

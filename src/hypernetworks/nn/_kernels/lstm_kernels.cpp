@@ -587,6 +587,25 @@ constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMa
 // sampling step keeps the plain product).
 constexpr int64_t kPackMinSteps = 4;
 
+// Row-major general product C (M, N) = beta * C + op(A) @ op(B), op(A) (M, K), op(B) (K, N).
+template <typename T>
+void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bm, int64_t ldb,
+             T beta, T* C, int64_t ldc) {
+    if (M <= 0 || N <= 0) return;
+    const char cb = tb ? 'T' : 'N', ca = ta ? 'T' : 'N';
+    const int m = int(N), n = int(M), k = int(K), l1 = int(ldb), l2 = int(lda), l3 = int(ldc);
+    const T one = 1;
+    if (K <= 0) {  // no terms: C = beta * C
+        for (int64_t i = 0; i < M; ++i)
+            for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == T(0) ? T(0) : beta * C[i * ldc + j];
+        return;
+    }
+    if constexpr (sizeof(T) == 4)
+        g_sgemm(&cb, &ca, &m, &n, &k, &one, Bm, &l1, A, &l2, &beta, C, &l3);
+    else
+        g_dgemm(&cb, &ca, &m, &n, &k, &one, Bm, &l1, A, &l2, &beta, C, &l3);
+}
+
 // A weight operand of the per-step products: C (M, N) = beta * C + A (M, K) @ op(W), op(W) = W^T for
 // W (N, K) (trans) or W for W (K, N); ldw is W's row stride. Row-major throughout; column-major BLAS
 // sees the transposes.
@@ -624,13 +643,7 @@ struct Weight {
                 return;
             }
         }
-        const char ta = trans ? 'T' : 'N', tb = 'N';
-        const int m = int(N), n = int(M), k = int(K), la = int(ldw), lb = int(lda), lc = int(ldc);
-        const T one = 1;
-        if constexpr (sizeof(T) == 4)
-            g_sgemm(&ta, &tb, &m, &n, &k, &one, w, &la, A, &lb, &beta, C, &lc);
-        else
-            g_dgemm(&ta, &tb, &m, &n, &k, &one, w, &la, A, &lb, &beta, C, &lc);
+        gemm_rm<T>(false, trans, M, N, K, A, lda, w, ldw, beta, C, ldc);
     }
 };
 
@@ -788,25 +801,6 @@ void lstm_seq_bwd(const LstmSeq& P) {
 // -- one HyperLSTMCell step (hyper_lstm._HyperStep), forward and backward in one call each --------
 // For step loops written for nn.LSTMCell: every product of the step in BLAS and every elementwise
 // part in the kernels above, so that a step is one call each way instead of ~25 torch ops.
-// Row-major general product C (M, N) = beta * C + op(A) @ op(B), op(A) (M, K), op(B) (K, N).
-template <typename T>
-void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bm, int64_t ldb,
-             T beta, T* C, int64_t ldc) {
-    if (M <= 0 || N <= 0) return;
-    const char cb = tb ? 'T' : 'N', ca = ta ? 'T' : 'N';
-    const int m = int(N), n = int(M), k = int(K), l1 = int(ldb), l2 = int(lda), l3 = int(ldc);
-    const T one = 1;
-    if (K <= 0) {  // no terms: C = beta * C
-        for (int64_t i = 0; i < M; ++i)
-            for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == T(0) ? T(0) : beta * C[i * ldc + j];
-        return;
-    }
-    if constexpr (sizeof(T) == 4)
-        g_sgemm(&cb, &ca, &m, &n, &k, &one, Bm, &l1, A, &l2, &beta, C, &l3);
-    else
-        g_dgemm(&cb, &ca, &m, &n, &k, &one, Bm, &l1, A, &l2, &beta, C, &l3);
-}
-
 // Shapes, parameters (hb, b0 nullable) and the step's saved work buffer (hyper_step_ws_size elements).
 struct HyperStep {
     int64_t B, I, H, Hh, Nz;

@@ -23,18 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def shares(checkpoints: list[str], text: str) -> list[dict]:
-    from hypernetworks.training import load_task
-    from hypernetworks.viz.saturation import collect_states
+    from hypernetworks.viz.saturation import checkpoint_states
 
-    out = []
-    for ckpt in checkpoints:
-        task = load_task(ckpt)
-        vocab = set(task.vocab)
-        h, c = collect_states(task, "".join(ch for ch in text if ch in vocab))
-        out.append({"model": f"{task.hparams.cell} {task.hparams.hidden_size}", "checkpoint": ckpt,
-                    "h_above_0.95": float((h.abs() > 0.95).float().mean()),
-                    "c_beyond_5": float((c.abs() > 5).float().mean()), "values": int(h.numel())})
-    return out
+    return [{"model": name, "checkpoint": ckpt, "h_above_0.95": float((h.abs() > 0.95).float().mean()),
+             "c_beyond_5": float((c.abs() > 5).float().mean()), "values": int(h.numel())}
+            for name, ckpt, h, c in checkpoint_states(checkpoints, text)]
 
 
 def main(argv: list[str] | None = None) -> int:

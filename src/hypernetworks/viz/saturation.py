@@ -25,6 +25,20 @@ def collect_states(task, text: str) -> tuple[torch.Tensor, torch.Tensor]:
     return h.flatten().float().cpu(), c.flatten().float().cpu()
 
 
+def checkpoint_states(checkpoints, text: str) -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
+    """(name, checkpoint, h, c) per checkpoint while its model reads ``text``; characters outside a
+    model's vocabulary are dropped."""
+    from hypernetworks.training import load_task
+
+    out = []
+    for ckpt in checkpoints:
+        task = load_task(ckpt)
+        vocab = set(task.vocab)
+        h, c = collect_states(task, "".join(ch for ch in text if ch in vocab))
+        out.append((f"{task.hparams.cell} {task.hparams.hidden_size}", str(ckpt), h, c))
+    return out
+
+
 def plot_saturation(states: Mapping[str, tuple[torch.Tensor, torch.Tensor]], path: str | Path,
                     bins: int = 60) -> Path:
     """One column per model: top row h_t in [-1, 1], bottom row c_t (clipped to [-5, 5])."""
@@ -56,16 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chars", type=int, default=2000, help="characters to read (default 2000)")
     p.add_argument("--out", default="saturation.png")
     args = p.parse_args(argv)
-    from hypernetworks.training import load_task
-
     text = Path(args.text_file).read_text(encoding="utf-8")[: args.chars]
-    states = {}
-    for ckpt in args.checkpoints:
-        task = load_task(ckpt)
-        vocab = set(task.vocab)
-        text_ok = "".join(ch for ch in text if ch in vocab)
-        name = f"{task.hparams.cell} {task.hparams.hidden_size}"
-        states[name] = collect_states(task, text_ok)
+    states = {name: (h, c) for name, _, h, c in checkpoint_states(args.checkpoints, text)}
     print(plot_saturation(states, args.out))
     return 0
 

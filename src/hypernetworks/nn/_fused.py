@@ -426,8 +426,7 @@ def _kernels_for(like: torch.Tensor):
     return _kernels.library()
 
 
-def _p(t: torch.Tensor | None):
-    return None if t is None else t.data_ptr()
+_p = _kernels.ptr  # a tensor's data pointer for ctypes, None for None
 
 
 class _Kernels:

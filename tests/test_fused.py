@@ -362,14 +362,18 @@ def test_sequence_loops_run_and_equal_the_python_step_loop(kind, layer_norm, dro
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("embedding_size,hidden", [(1, 21), (5, 37), (8, 16), (9, 21), (17, 5)])
-def test_any_embedding_size_and_width_equals_eager(embedding_size, hidden, step_path):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("embedding_size,hidden", [(1, 21), (2, 19), (3, 16), (4, 37), (5, 37), (6, 8), (7, 33),
+                                                   (8, 16), (9, 21), (17, 5)])
+def test_any_embedding_size_and_width_equals_eager(embedding_size, hidden, dtype, step_path):
     """The kernels' register-blocked forms (N_z 1 to 8 at compile time, units in 64-byte blocks plus
-    a scalar tail) and the generic one (N_z > 8): outputs and every gradient equal to eager."""
+    a scalar tail, the gradients of z summed across lanes by a transpose tree: one or more groups of
+    8 (float64) or 16 (float32) sums) and the generic one (N_z > 8): outputs and every gradient equal
+    to eager."""
     torch.manual_seed(4)
-    m = HyperLSTM(I, hidden, hyper_size=6, embedding_size=embedding_size).double()
-    x = torch.randn(5, 3, I, dtype=torch.double)
-    assert_same(run(m, x, None, True), run(m, x, None, False))
+    m = HyperLSTM(I, hidden, hyper_size=6, embedding_size=embedding_size).to(dtype)
+    x = torch.randn(5, 3, I, dtype=dtype)
+    assert_same(run(m, x, None, True), run(m, x, None, False), tol=1e-10 if dtype == torch.float64 else 2e-5)
 
 
 def test_sequence_loops_need_mkl_and_can_be_switched_off(step_path, monkeypatch):

@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -374,10 +375,10 @@ void hyper_pre_bwd_generic(int64_t B, int64_t H, int64_t Nz, const T* dpre, cons
 // The same arithmetic as the generic versions above, written on 64-byte vectors (GCC/Clang vector
 // extensions: one AVX-512 register, two AVX2 ones, four NEON ones) so that the short sums over N_z stay
 // in registers: a unit block's d_h, d_x, b(z) in three accumulators (forward); in backward the
-// gradients of z in 3 N_z per-row accumulators (one horizontal sum per row), and the projections'
-// gradients in a second pass that runs over the rows inside each unit block, so that each g_wd block
-// is read and written once per call instead of once per row group. The tail of H that fills no vector
-// runs the same code on scalars.
+// gradients of z in 3 N_z per-row accumulators (summed across lanes by one transpose tree per row), and
+// the projections' gradients in a second pass that runs over the rows inside each unit block, so that
+// each g_wd block is read and written once per call instead of once per row group. The tail of H that
+// fills no vector runs the same code on scalars.
 template <typename T>
 struct VecOf {
     typedef T type __attribute__((vector_size(64)));
@@ -455,6 +456,8 @@ void hyper_pre_fwd(int64_t B, int64_t H, int64_t Nz, const T* a, int64_t a_s, co
             const T* z0 = z + b * 3 * n + g * Nz;
             const T *ar = a + b * a_s + g * H, *xr = xw + b * G + g * H;
             T* pr = pre + b * G + g * H;
+            if (b + 1 < B)  // xw was written before the time loop, long out of cache
+                for (int64_t j = 0; j < H; j += L) __builtin_prefetch(xr + G + j);
             int64_t j = 0;
             for (; j + 2 * L <= H; j += 2 * L) {  // two independent blocks: more FMAs in flight
                 pre_fwd_block<V>(j, H, Nz, z0, z0 + n, z0 + 2 * n, w0, w1, w2, bg, ar, xr, pr);
@@ -466,21 +469,69 @@ void hyper_pre_fwd(int64_t B, int64_t H, int64_t Nz, const T* a, int64_t a_s, co
     }
 }
 
+// Lane sums of up to L = kLanes<T> vectors at once by a transpose-and-add tree: log2(L) levels, each
+// adding the two halves of every pair of partial sums, so that K sums cost about 2K shuffles and K
+// additions instead of K separate horizontal sums. Lane i of the result is the sum of the lanes of
+// v[bitrev(i)] (the tree's order), so callers place their vectors at bit-reversed positions.
+template <typename T>
+constexpr int64_t kLog2Lanes = kLanes<T> == 16 ? 4 : kLanes<T> == 8 ? 3 : kLanes<T> == 4 ? 2 : 1;
+template <typename T>
+constexpr int64_t bitrev(int64_t i) {
+    int64_t r = 0;
+    for (int64_t k = 0; k < kLog2Lanes<T>; ++k) r |= ((i >> k) & 1) << (kLog2Lanes<T> - 1 - k);
+    return r;
+}
+// Lane i of pick<Hi>(x, y) at half-width Hf: within each segment of 2 Hf lanes, the lower (or upper)
+// Hf lanes of x's segment, then those of y's.
+template <typename T, int64_t Hf, bool Hi>
+constexpr int64_t pick_index(int64_t i) {
+    const int64_t seg = i / (2 * Hf), r = i % (2 * Hf);
+    return seg * 2 * Hf + (r % Hf) + (Hi ? Hf : 0) + (r < Hf ? 0 : kLanes<T>);
+}
+template <typename T, int64_t Hf, size_t... I>
+inline Vec<T> fold_pair(Vec<T> x, Vec<T> y, std::index_sequence<I...>) {
+#if defined(__clang__)
+    return __builtin_shufflevector(x, y, pick_index<T, Hf, false>(I)...) +
+           __builtin_shufflevector(x, y, pick_index<T, Hf, true>(I)...);
+#else
+    using M = typename VecOf<std::conditional_t<sizeof(T) == 4, int32_t, int64_t>>::type;
+    return __builtin_shuffle(x, y, M{pick_index<T, Hf, false>(I)...}) +
+           __builtin_shuffle(x, y, M{pick_index<T, Hf, true>(I)...});
+#endif
+}
+template <typename T, int64_t Hf, size_t... P>
+inline void tree_level(Vec<T>* v, std::index_sequence<P...>) {
+    ((v[P] = fold_pair<T, Hf>(v[2 * P], v[2 * P + 1], std::make_index_sequence<kLanes<T>>{})), ...);
+}
+template <typename T, int64_t Hf>
+inline void tree(Vec<T>* v) {
+    tree_level<T, Hf>(v, std::make_index_sequence<Hf>{});  // L / Hf partial vectors: Hf pairs
+    if constexpr (Hf > 1) tree<T, Hf / 2>(v);
+}
+// s[m] = sum of the lanes of acc[Off + m], m < min(L, K - Off).
+template <typename T, int64_t K, int64_t Off, size_t... I>
+inline void lane_sums(const Vec<T>* acc, T* s, std::index_sequence<I...>) {
+    Vec<T> v[kLanes<T>] = {(Off + bitrev<T>(I) < K ? acc[Off + bitrev<T>(I)] : Vec<T>{})...};
+    tree<T, kLanes<T> / 2>(v);
+    ((I < size_t(K - Off) ? void(s[I] = v[0][I]) : void()), ...);
+    if constexpr (Off + kLanes<T> < K)
+        lane_sums<T, K, Off + kLanes<T>>(acc, s + kLanes<T>, std::index_sequence<I...>{});
+}
+
 // Pass 1 of the backward for units j .. j + width(W) of one row and gate: d_a, d_xw, the parts of
-// dz (into acc: 3 Nz accumulators) and dpre * a, dpre * xw (into e0, e1 for pass 2).
-template <int64_t Nz, typename W, typename T>
+// dz (into acc: 3 N_z accumulators, indexed by constants so that they stay in registers) and
+// dpre * a, dpre * xw (into e0, e1 for pass 2).
+template <int64_t Nz, typename W, typename T, size_t... Q>
 inline void pre_bwd_block(int64_t j, int64_t H, const T* z0, const T* z1, const T* w0, const T* w1,
-                          const T* w2, const T* dp, const T* ar, const T* xr, T* dar, T* dxr, T* e0, T* e1, W* acc) {
+                          const T* w2, const T* dp, const T* ar, const T* xr, T* dar, T* dxr, T* e0, T* e1, W* acc,
+                          std::index_sequence<Q...>) {
     const W g = ld<W>(dp + j), x0 = g * ld<W>(ar + j), x1 = g * ld<W>(xr + j);
     W d0 = W{}, d1 = W{};
-    for (int64_t q = 0; q < Nz; ++q) {
-        const W u0 = ld<W>(w0 + q * H + j), u1 = ld<W>(w1 + q * H + j);
-        d0 += z0[q] * u0;
-        d1 += z1[q] * u1;
-        acc[q] += x0 * u0;
-        acc[Nz + q] += x1 * u1;
-        acc[2 * Nz + q] += g * ld<W>(w2 + q * H + j);
-    }
+    ((d0 += z0[Q] * ld<W>(w0 + Q * H + j)), ...);
+    ((d1 += z1[Q] * ld<W>(w1 + Q * H + j)), ...);
+    ((acc[Q] += x0 * ld<W>(w0 + Q * H + j)), ...);
+    ((acc[Nz + Q] += x1 * ld<W>(w1 + Q * H + j)), ...);
+    ((acc[2 * Nz + Q] += g * ld<W>(w2 + Q * H + j)), ...);
     st<W>(dar + j, g * d0);
     st<W>(dxr + j, g * d1);
     st<W>(e0 + j, x0);
@@ -526,16 +577,33 @@ void hyper_pre_bwd_nz(int64_t B, int64_t H, const T* dpre, const T* a, int64_t a
             const T* z0 = z + b * 3 * n + g * Nz;
             const T *dp = dpre + b * G + g * H, *ar = a + b * a_s + g * H, *xr = xw + b * G + g * H;
             T *dar = d_a + b * da_s + g * H, *dxr = d_xw + b * G + g * H;
+            if (b + 1 < B) {  // the next row's inputs and outputs are large buffers, long out of cache
+                for (int64_t j = 0; j < H; j += L) {
+                    __builtin_prefetch(ar + a_s + j);
+                    __builtin_prefetch(xr + G + j);
+                    __builtin_prefetch(dar + da_s + j, 1);
+                    __builtin_prefetch(dxr + G + j, 1);
+                }
+            }
+            constexpr auto Qs = std::make_index_sequence<Nz>{};
             V acc[3 * Nz] = {};
             T acc_s[3 * Nz] = {};
             int64_t j = 0;
             for (; j + L <= H; j += L)
-                pre_bwd_block<Nz, V>(j, H, z0, z0 + n, w0, w1, w2, dp, ar, xr, dar, dxr, e0 + b * H, e1 + b * H, acc);
+                pre_bwd_block<Nz, V>(j, H, z0, z0 + n, w0, w1, w2, dp, ar, xr, dar, dxr, e0 + b * H, e1 + b * H, acc,
+                                     Qs);
             for (; j < H; ++j)
-                pre_bwd_block<Nz, T>(j, H, z0, z0 + n, w0, w1, w2, dp, ar, xr, dar, dxr, e0 + b * H, e1 + b * H, acc_s);
+                pre_bwd_block<Nz, T>(j, H, z0, z0 + n, w0, w1, w2, dp, ar, xr, dar, dxr, e0 + b * H, e1 + b * H, acc_s,
+                                     Qs);
+            T sums[3 * Nz];
+            if constexpr (Nz >= 2) {  // six or more sums: the tree is cheaper than one horizontal sum each
+                lane_sums<T, 3 * Nz, 0>(acc, sums, std::make_index_sequence<kLanes<T>>{});
+            } else {
+                for (int64_t k = 0; k < 3 * Nz; ++k) sums[k] = hsum<T>(acc[k]);
+            }
             T* dzr = dz + b * 3 * n + g * Nz;
             for (int64_t k = 0; k < 3; ++k)
-                for (int64_t q = 0; q < Nz; ++q) dzr[k * n + q] = hsum<T>(acc[k * Nz + q]) + acc_s[k * Nz + q];
+                for (int64_t q = 0; q < Nz; ++q) dzr[k * n + q] = sums[k * Nz + q] + acc_s[k * Nz + q];
         }
         T *gw0 = g_wd + (0 * 4 + g) * Nz * H, *gw1 = g_wd + (1 * 4 + g) * Nz * H, *gw2 = g_wd + (2 * 4 + g) * Nz * H;
         T* gb = g_bias ? g_bias + g * H : nullptr;

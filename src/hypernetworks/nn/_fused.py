@@ -178,6 +178,23 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, low: "torch.dtype | None") -> torch.
     return torch.mm(a.to(low), b.to(low))
 
 
+def _recurrent_weight_grad(d: torch.Tensor, h0: torch.Tensor, out: torch.Tensor, low) -> torch.Tensor:
+    """The gradient of a recurrent weight, sum over t of ``d[t]^T h_{t-1}`` (N, H) for d (T, B, N) and
+    h_{t-1} = h0, then out[:-1]. Computed as the transpose of ``h_prev^T d``: d was just written by the
+    backward loop and is mostly out of cache, and MKL streams it ~40% faster in this orientation (one
+    thread, demo size: 2.3 against 3.4 ms). Without mixed precision, two products instead of a
+    (T, B, H) copy of h_prev."""
+    T, B, N = d.shape
+    H = h0.size(-1)
+    if low is not None:  # one low-precision product over all T * B rows
+        h_prev = torch.cat([h0.unsqueeze(0), out[:-1]]).view(T * B, H)
+        return _gemm(h_prev.t(), d.reshape(T * B, N), low).t()
+    g = torch.mm(h0.t(), d[0])
+    if T > 1:
+        g.addmm_(out[:-1].reshape((T - 1) * B, H).t(), d[1:].reshape((T - 1) * B, N))
+    return g.t()
+
+
 # -- one LSTM state update, forward and backward ----------------------------------------------
 class _Saved:
     """Per-sequence buffers for one LSTM (main or hyper) in the fused loop."""
@@ -556,7 +573,9 @@ class _HyperGrads:
         T, B = xw.shape[:2]
         H, Hh = h0.size(-1), hh_all.size(-1)
         packed = batch_sizes is not None  # padded rows enter the weight GEMMs
-        self.d_xw = (xw.new_zeros if packed else xw.new_empty)(xw.shape)  # returned: never a work buffer
+        # returned to autograd, yet pooled: the slot stays busy while anything holds it, and a fresh
+        # (T, B, 4H) buffer per backward costs a page fault per 4 KiB (~7% of a demo-size step)
+        self.d_xw = ws.alloc("d_xw", xw.shape, zero=packed)
         self.d_a = ws.alloc("d_a", (T, B, 4 * H + 4 * Hh), zero=packed)
         self.d_z = ws.alloc("d_z", z_all.shape, zero=packed)
         self.wd = d_weight.transpose(-1, -2).contiguous()             # (3, 4, Nz, H): units innermost
@@ -782,15 +801,10 @@ class _HyperLSTMFunction(torch.autograd.Function):
         TB = T * B
         low = ctx.low
         d_a2 = d_a.view(TB, -1)
-        if low is None:  # h_{t-1} is h0, then out[:-1]: two products instead of a (T, B, H) copy
-            g_cat = torch.mm(d_a[0].t(), h0)
-            if T > 1:
-                g_cat.addmm_(d_a2[B:].t(), out[:-1].reshape((T - 1) * B, H))
-        else:
-            g_cat = _gemm(d_a2.t(), torch.cat([h0.unsqueeze(0), out[:-1]]).view(TB, H), low)
+        g_cat = _recurrent_weight_grad(d_a, h0, out, low)
         d_xw_hat = d_a[:, :, 4 * H:]  # a view: returned as it is, d_a's pool slot stays busy until it is used
-        g_hat_hh = _gemm(d_a2[:, 4 * H:].t(), hh_all[:-1].reshape(TB, Hh), low)
-        g_zw = _gemm(d_z.view(TB, 3 * n).t(), hh_all[1:].reshape(TB, Hh), low)
+        g_hat_hh = _gemm(hh_all[:-1].reshape(TB, Hh).t(), d_a2[:, 4 * H:], low).t()
+        g_zw = _gemm(hh_all[1:].reshape(TB, Hh).t(), d_z.view(TB, 3 * n), low).t()
         g_zb = d_z[:, :, :2 * n].sum((0, 1))
         ln_g = (grads.get("gw"), grads.get("gb"), grads.get("cw"), grads.get("cb"),
                 hgrads.get("gw"), hgrads.get("gb"), hgrads.get("cw"), hgrads.get("cb"))
@@ -981,13 +995,7 @@ class _LSTMFunction(torch.autograd.Function):
                 dh = dh + d_out[t]
             dc = _update_backward(t, dh, dc, sv, norms, None if mask is None else mask[t], ctx.eps, grads, d_xw[t])
             dh = _linear(d_xw[t], w_t)
-        if ctx.low is not None:  # mixed precision: one low-precision product over all T * B rows
-            h_prev = torch.cat([h0.unsqueeze(0), out[:-1]]).view(T * B, H)
-            g_hh = _gemm(d_xw.view(T * B, 4 * H).t(), h_prev, ctx.low)
-        else:
-            g_hh = torch.mm(d_xw[0].t(), h0)
-            if T > 1:
-                g_hh.addmm_(d_xw[1:].reshape((T - 1) * B, 4 * H).t(), out[:-1].reshape((T - 1) * B, H))
+        g_hh = _recurrent_weight_grad(d_xw, h0, out, ctx.low)
         return (d_xw, dh, dc, g_hh, grads.get("gw"), grads.get("gb"), grads.get("cw"), grads.get("cb"),
                 None, None, None, None)
 

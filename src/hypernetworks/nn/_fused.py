@@ -405,7 +405,8 @@ def _prepared(cell, name: str, params, build):
     """``build()`` (weights derived from ``params``: concatenated, permuted), cached on the cell
     while autograd is off and the parameters are unchanged (same storage, same in-place version
     counter, which optimizer steps and ``load_state_dict`` bump), so that one-step calls in a
-    sampling loop do not rebuild them. With autograd on it is built per call, inside the graph."""
+    sampling loop do not rebuild them. With autograd on it is built per call, inside the graph.
+    In-place writes through ``p.data`` bump no counter and are not seen (docs/rnn_speed.md says so)."""
     if torch.is_grad_enabled() and any(p.requires_grad for p in params):
         return build()
     key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)

@@ -12,7 +12,6 @@ another text); characters outside a model's vocabulary are dropped, as the pictu
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -37,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chars", type=int, default=1500, help="characters to read (default 1500)")
     p.add_argument("--record", default=None, metavar="PATH", help="write the table as a record at PATH")
     args = p.parse_args(argv)
-    text_file = args.text_file or os.path.join(os.environ.get("HYPERNETWORKS_DATA", "data"), "ptb", "ptb.valid.txt")
+    from hypernetworks.data.root import data_root
+
+    text_file = args.text_file or str(data_root() / "ptb" / "ptb.valid.txt")
     text = Path(text_file).read_text(encoding="utf-8")[: args.chars]
     rows = shares(args.checkpoints, text)
     from records import emit_table

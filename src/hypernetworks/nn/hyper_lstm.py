@@ -221,7 +221,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _step_struct(lib, cell, x: torch.Tensor, params, ws: torch.Tensor) -> "_kernels.HyperStep":
+def _step_struct(cell, x: torch.Tensor, params, ws: torch.Tensor) -> "_kernels.HyperStep":
     w_ih, w_hh, hw_ih, hw_hh, hb, zw, zb, dw, b0 = params
     return _kernels.HyperStep(x.size(0), x.size(1), cell.hidden_size, cell.hyper_size, cell.embedding_size,
                               *(_kernels.ptr(p) for p in (w_ih, w_hh, hw_ih, hw_hh, hb, zw, zb, dw, b0)), ws.data_ptr())
@@ -238,7 +238,7 @@ def _step_forward_c(ctx, lib, cell, x, h, c_in, hh_in, ch_in, params):
     hh_in, ch_in = (None if t is None else _rows(t) for t in (hh_in, ch_in))
     ws = x.new_empty(lib.hyper_step_ws_size(B, H, Hh, cell.embedding_size))
     h_new, c_ext = x.new_empty(B, H), x.new_empty(B, H + 2 * Hh)
-    st = _step_struct(lib, cell, x, params, ws)
+    st = _step_struct(cell, x, params, ws)
     fn = lib.hyper_step_fwd_f32 if x.dtype == torch.float32 else lib.hyper_step_fwd_f64
     fn(ctypes.byref(st), x.data_ptr(), h.data_ptr(), c_in.data_ptr(), c_in.stride(0), _kernels.ptr(hh_in),
        0 if hh_in is None else hh_in.stride(0), _kernels.ptr(ch_in), 0 if ch_in is None else ch_in.stride(0),
@@ -260,7 +260,7 @@ def _step_backward_c(ctx, x, h, params, dh_new, dc_ext):
     dx = x.new_empty(B, I) if need[1] else None
     dh, dstate = x.new_empty(B, H), x.new_empty(B, H + 2 * Hh)
     grads = tuple(None if p is None else torch.empty_like(p) for p in params)
-    st = _step_struct(lib, cell, x, params, ws)
+    st = _step_struct(cell, x, params, ws)
     fn = lib.hyper_step_bwd_f32 if x.dtype == torch.float32 else lib.hyper_step_bwd_f64
     fn(ctypes.byref(st), x.data_ptr(), h.data_ptr(), dh_new.data_ptr(), dc_ext.data_ptr(), dc_ext.stride(0),
        _kernels.ptr(dx), dh.data_ptr(), dstate.data_ptr(), *(_kernels.ptr(g) for g in grads))

@@ -377,7 +377,7 @@ def cmd_report(a) -> int:
         if not (results / study).is_dir():
             continue
         text = f"## {STUDIES[study]['title']}\n\n{table(results, study)}"
-        if study in ("ptb", "ptb-long", "ptb-plateau"):
+        if study in ("ptb", "ptb-long", "ptb-plateau", "ptb-schedule", "ptb-schedule-long"):
             pairs = [("ln-hyperlstm", "hyperlstm"), ("hyperlstm", "lstm"), ("ln-hyperlstm", "lstm-wide"),
                      ("hyperlstm", "lstm-wide"), ("ln-hyperlstm", "ln-lstm")]
             text += "\n" + "\n".join(f"- {separation(results, study, x, y)}" for x, y in pairs) + "\n"
